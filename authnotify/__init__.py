@@ -1,0 +1,1 @@
+"""authnotify: the command line and the operator tools (dlq, authorizations, dev, simulate)."""

@@ -1,0 +1,53 @@
+"""``authnotify topology`` and ``authnotify migrate``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+
+from authnotify.cli import CommandError
+from shared.config import Settings
+from shared.topology import build_topology, declare_topology
+
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+async def connect_once(settings: Settings) -> aio_pika.abc.AbstractConnection:
+    """A plain connection for a command: fails fast with one line instead of retrying."""
+    try:
+        return await aio_pika.connect(settings.rabbitmq_url, timeout=CONNECT_TIMEOUT_SECONDS)
+    except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        raise CommandError(f"authnotify: broker unreachable at {_safe_url(settings.rabbitmq_url)} ({type(exc).__name__})") from None
+
+
+def _safe_url(url: str) -> str:
+    from yarl import URL
+
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+async def declare_topology_command(settings: Settings) -> int:
+    topology = build_topology(settings)
+    connection = await connect_once(settings)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await declare_topology(channel, topology)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            raise CommandError(f"authnotify: a queue exists with other arguments: {exc}") from None
+    print(f"declared {len(topology.exchanges())} exchanges and {len(topology.queues())} queues "
+          f"in namespace {topology.namespace}")
+    return 0
+
+
+async def migrate_command(settings: Settings) -> int:
+    from shared.store.migrations import upgrade_database
+
+    try:
+        revision = await upgrade_database(settings.database_url)
+    except OSError as exc:
+        raise CommandError(f"authnotify: database unreachable ({type(exc).__name__})") from None
+    print(f"database schema at revision {revision}")
+    return 0

@@ -1,0 +1,176 @@
+"""The ``authnotify`` command (contract section 2): every subcommand and its arguments, in one place.
+
+Each subcommand's work lives in the module named beside it; this file only parses, configures and maps
+failures to one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from shared.config import ConfigError, Settings, load_settings
+
+CONSUMER_NAMES = ("authcode-created", "token-created", "token-canceled", "merchant-events")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A command could not do its job; the message is the one line printed on stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _consumer_name(value: str) -> str:
+    if value not in CONSUMER_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown worker {value!r} (choose from {', '.join(CONSUMER_NAMES)})"
+        )
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise CommandError(f"{self.prog}: {message}", EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="authnotify", description="Alipay authorization notification pipeline")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    commands.add_parser("ingress", help="run the HTTP ingress")
+    worker = commands.add_parser("worker", help="run consumers (none named = all four)")
+    worker.add_argument("names", nargs="*", type=_consumer_name, metavar="NAME")
+    commands.add_parser("topology", help="declare every exchange and queue")
+    commands.add_parser("migrate", help="bring the database schema up to date")
+
+    dlq = commands.add_parser("dlq", help="inspect, replay and purge dead-lettered messages")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    dlq_list = dlq_commands.add_parser("list", help="dead-lettered messages, without consuming them")
+    dlq_list.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE")
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_replay = dlq_commands.add_parser("replay", help="move dead-lettered messages back")
+    dlq_replay.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE")
+    dlq_replay.add_argument("--id", dest="ids", action="append", default=[], metavar="ID")
+    dlq_replay.add_argument("--limit", type=_positive_int, metavar="N")
+    dlq_replay.add_argument("--dry-run", action="store_true")
+    dlq_replay.add_argument("--json", action="store_true")
+    dlq_purge = dlq_commands.add_parser("purge", help="delete dead-lettered messages")
+    dlq_purge.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE")
+    dlq_purge.add_argument("--id", dest="ids", action="append", default=[], metavar="ID")
+    dlq_purge.add_argument("--yes", action="store_true")
+    dlq_purge.add_argument("--json", action="store_true")
+
+    auths = commands.add_parser("authorizations", help="stored authorizations (never raw tokens)")
+    auth_commands = auths.add_subparsers(dest="auth_command", required=True, parser_class=_Parser)
+    auth_list = auth_commands.add_parser("list")
+    auth_list.add_argument("--status", choices=("active", "canceled"))
+    auth_list.add_argument("--merchant", metavar="ID")
+    auth_list.add_argument("--json", action="store_true")
+    auth_show = auth_commands.add_parser("show")
+    auth_show.add_argument("key", metavar="KEY")
+    auth_show.add_argument("--json", action="store_true")
+
+    commands.add_parser("dev", help="ingress and all workers in one process, with local defaults")
+    simulate = commands.add_parser("simulate", help="play Alipay against a running ingress")
+    from authnotify import simulate as simulate_module
+
+    simulate_module.add_arguments(simulate)
+    return parser
+
+
+def _run(coroutine_factory: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    try:
+        import uvloop
+
+        runner: Callable[..., Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        runner = asyncio.run
+    return runner(coroutine_factory()) or EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]) -> int:
+    from shared.logging import configure_logging
+
+    command = args.command
+    if command == "simulate":
+        from authnotify import simulate
+
+        configure_logging("console", level=logging.WARNING)
+        return _run(lambda: simulate.run(args))
+    if command == "dev":
+        from authnotify import dev
+
+        return _run(lambda: dev.run(args))
+
+    settings = settings_factory()
+    service = command in ("ingress", "worker")
+    configure_logging(settings.log_format, level=logging.INFO if service else logging.WARNING)
+
+    if command == "ingress":
+        from ingress.app import run_ingress
+
+        return _run(lambda: run_ingress(settings))
+    if command == "worker":
+        from workers.main import run_workers
+
+        return _run(lambda: run_workers(settings, args.names or list(CONSUMER_NAMES)))
+    if command == "topology":
+        from authnotify.admin import declare_topology_command
+
+        return _run(lambda: declare_topology_command(settings))
+    if command == "migrate":
+        from authnotify.admin import migrate_command
+
+        return _run(lambda: migrate_command(settings))
+    if command == "dlq":
+        from authnotify import dlq
+
+        return _run(lambda: dlq.run(settings, args))
+    if command == "authorizations":
+        from authnotify import authorizations
+
+        return _run(lambda: authorizations.run(settings, args))
+    raise CommandError(f"unknown command {command}", EXIT_USAGE)  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        code = _dispatch(args, load_settings)
+    except CommandError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except ConfigError as exc:
+        print(f"authnotify: configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"authnotify: {type(exc).__name__}{': ' + detail if detail else ''}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The HTTP ingress Alipay talks to: verify, publish with confirms, then answer."""

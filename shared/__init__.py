@@ -1,0 +1,1 @@
+"""What the ingress and the workers share: configuration, keys, signatures, topology, store, logging."""

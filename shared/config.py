@@ -1,0 +1,229 @@
+"""All configuration, read once from the environment (and a ``.env`` file) and validated at start.
+
+Contract section 3. Every process builds one :class:`Settings` through :func:`load_settings`; nothing else
+reads ``os.environ``. A bad value fails the start with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from cryptography.fernet import Fernet, MultiFernet
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.keys import InvalidKeyError, PublicKeyRing, load_private_key, load_public_key_ring
+
+ENV_PREFIX = "AUTHNOTIFY_"
+PROVIDERS = ("ams", "aps")
+Provider = Literal["ams", "aps"]
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as one line that names the variable."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text.strip()!r} is not a duration like 10s, 1m, 2h")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{text.strip()!r} must be longer than zero")
+    return seconds
+
+
+def _parse_retry_delays(value: Any) -> tuple[float, ...]:
+    if isinstance(value, (tuple, list)):
+        return tuple(float(v) for v in value)
+    text = str(value).strip()
+    if not text:
+        return ()
+    return tuple(parse_duration(part) for part in text.split(","))
+
+
+class PrivateKey:
+    """An RSA private key that never shows itself in a repr or an error."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: RSAPrivateKey) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return "PrivateKey(<redacted>)"
+
+
+def _parse_private_key(value: Any) -> PrivateKey | None:
+    if value is None or isinstance(value, PrivateKey):
+        return value
+    if isinstance(value, RSAPrivateKey):
+        return PrivateKey(value)
+    if not str(value).strip():
+        return None
+    try:
+        return PrivateKey(load_private_key(str(value)))
+    except InvalidKeyError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _parse_public_keys(value: Any) -> PublicKeyRing | None:
+    if value is None or isinstance(value, PublicKeyRing):
+        return value
+    if not str(value).strip():
+        return None
+    try:
+        return load_public_key_ring(str(value))
+    except InvalidKeyError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class TokenKeys:
+    """The Fernet keys of AUTHNOTIFY_TOKEN_KEYS: the first encrypts, all decrypt."""
+
+    __slots__ = ("count", "fernet")
+
+    def __init__(self, keys: list[str]) -> None:
+        self.count = len(keys)
+        self.fernet = MultiFernet([Fernet(k) for k in keys])
+
+    def __repr__(self) -> str:
+        return f"TokenKeys(<{self.count} redacted>)"
+
+
+def _parse_token_keys(value: Any) -> TokenKeys | None:
+    if value is None or isinstance(value, TokenKeys):
+        return value
+    keys = [part.strip() for part in str(value).split(",") if part.strip()]
+    if not keys:
+        return None
+    for index, key in enumerate(keys, start=1):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"key {index} is not a Fernet key (32 url-safe base64-encoded bytes)"
+            ) from None
+    return TokenKeys(keys)
+
+
+RetryDelays = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_parse_retry_delays)]
+PrivateKeyValue = Annotated[Any, NoDecode, BeforeValidator(_parse_private_key)]
+PublicKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_public_keys)]
+TokenKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_token_keys)]
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One provider's side of the relationship with Alipay, present only when its client id is set."""
+
+    name: Provider
+    client_id: str
+    private_key: RSAPrivateKey
+    alipay_public_keys: PublicKeyRing
+    gateway_url: str
+    customer_belongs_to: str | None
+
+    def __repr__(self) -> str:
+        return f"ProviderConfig(name={self.name!r}, client_id={self.client_id!r}, gateway_url={self.gateway_url!r})"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        frozen=True,
+    )
+
+    rabbitmq_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", pattern=r"^amqps?://")
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///authnotify.db",
+        pattern=r"^(sqlite\+aiosqlite|postgresql\+asyncpg)://",
+    )
+    namespace: str = Field(default="authnotify", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    http_host: str = Field(default="0.0.0.0", min_length=1)
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    worker_http_port: int = Field(default=9090, ge=0, le=65535)
+
+    ams_client_id: str | None = None
+    ams_private_key: PrivateKeyValue = None
+    ams_alipay_public_key: PublicKeysValue = None
+    ams_gateway_url: str = Field(default="https://open-sea-global.alipay.com", pattern=r"^https?://")
+    ams_customer_belongs_to: str | None = Field(default=None, max_length=64)
+
+    aps_client_id: str | None = None
+    aps_private_key: PrivateKeyValue = None
+    aps_alipay_public_key: PublicKeysValue = None
+    aps_gateway_url: str = Field(default="https://open-sea-global.alipayplus.com", pattern=r"^https?://")
+
+    token_keys: TokenKeysValue = None
+    merchants_file: Path | None = None
+    retry_delays: RetryDelays = (10.0, 60.0, 300.0, 1800.0, 7200.0)
+    ingress_max_inflight: int = Field(default=1024, ge=1)
+    log_format: Literal["json", "console"] = "json"
+
+    @model_validator(mode="after")
+    def _provider_keys_complete(self) -> Settings:
+        for name in PROVIDERS:
+            client_id = getattr(self, f"{name}_client_id")
+            if not client_id:
+                continue
+            for part in ("private_key", "alipay_public_key"):
+                if getattr(self, f"{name}_{part}") is None:
+                    raise ValueError(
+                        f"{ENV_PREFIX}{name.upper()}_{part.upper()} is required when "
+                        f"{ENV_PREFIX}{name.upper()}_CLIENT_ID is set"
+                    )
+        return self
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        client_id = getattr(self, f"{name}_client_id", None)
+        if not client_id:
+            return None
+        return ProviderConfig(
+            name=name,  # type: ignore[arg-type]
+            client_id=client_id,
+            private_key=getattr(self, f"{name}_private_key").key,
+            alipay_public_keys=getattr(self, f"{name}_alipay_public_key"),
+            gateway_url=getattr(self, f"{name}_gateway_url").rstrip("/"),
+            customer_belongs_to=self.ams_customer_belongs_to if name == "ams" else None,
+        )
+
+    def providers(self) -> dict[str, ProviderConfig]:
+        configured = {name: self.provider(name) for name in PROVIDERS}
+        return {name: cfg for name, cfg in configured.items() if cfg is not None}
+
+    def require_token_keys(self) -> TokenKeys:
+        if self.token_keys is None:
+            raise ConfigError(f"{ENV_PREFIX}TOKEN_KEYS: required wherever tokens are stored")
+        return self.token_keys
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = first.get("loc") or ()
+    message = str(first.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if loc:
+        return f"{ENV_PREFIX}{str(loc[0]).upper()}: {message}"
+    return message
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Reads and validates the configuration; raises :class:`ConfigError` with a one-line message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

@@ -1,0 +1,70 @@
+"""Structured logging: structlog, one JSON object a line by default, secrets redacted by field name."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[redacted]"
+
+# accessToken, access_token, ACCESS-TOKEN, refreshToken, authCode, auth_code, ... whatever the case.
+_SECRET_FIELD = re.compile(r"^(access|refresh)[_-]?token$|^auth[_-]?code$|secret|private[_-]?key|password",
+                           re.IGNORECASE)
+
+
+def is_secret_field(name: str) -> bool:
+    return bool(_SECRET_FIELD.search(name))
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with every secret-named field, at any depth, replaced by a marker."""
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if isinstance(k, str) and is_secret_field(k) else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if is_secret_field(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = redact(event_dict[key])
+    return event_dict
+
+
+def configure_logging(log_format: str = "json", level: int = logging.INFO) -> None:
+    renderer: Any
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries' own log lines (aio-pika reconnect chatter, aiohttp access logs) stay quiet unless
+    # they are warnings; our own events say what happened.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("aio_pika", "aiormq", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL if noisy != "aiohttp.access" else logging.WARNING)
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

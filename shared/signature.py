@@ -1,0 +1,128 @@
+"""The Alipay RSA256 signature scheme, shared by AMS and Alipay+, in both directions.
+
+Signed content: ``<METHOD> <path>\\n<Client-Id>.<Request-Time or Response-Time>.<raw body>``.
+Signature: RSASSA-PKCS1-v1_5 over SHA-256, base64, URL-encoded, carried in
+``Signature: algorithm=RSA256,keyVersion=N,signature=S``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import quote, unquote
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from shared.keys import PublicKeyRing
+
+ALGORITHM = "RSA256"
+
+
+class SignatureHeaderError(ValueError):
+    """The Signature header is missing a part or is not of the documented form."""
+
+
+@dataclass(frozen=True)
+class SignatureHeader:
+    algorithm: str
+    key_version: str | None
+    signature: bytes  # raw RSA signature bytes
+
+
+def signed_content(method: str, path: str, client_id: str, time: str, body: bytes) -> bytes:
+    return f"{method} {path}\n{client_id}.{time}.".encode() + body
+
+
+def sign_content(private_key: RSAPrivateKey, content: bytes) -> str:
+    """Returns the URL-encoded base64 signature, as it goes into the header."""
+    raw = private_key.sign(content, padding.PKCS1v15(), hashes.SHA256())
+    return quote(base64.b64encode(raw).decode("ascii"), safe="")
+
+
+def format_signature_header(signature: str, key_version: str = "1") -> str:
+    return f"algorithm={ALGORITHM},keyVersion={key_version},signature={signature}"
+
+
+def parse_signature_header(value: str) -> SignatureHeader:
+    """Lenient: spaces around parts, any case of the part names, encoded or bare base64."""
+    parts: dict[str, str] = {}
+    for part in value.split(","):
+        name, sep, part_value = part.strip().partition("=")
+        if not sep:
+            raise SignatureHeaderError(f"malformed part {name[:32]!r}")
+        parts[name.strip().lower()] = part_value.strip()
+    algorithm = parts.get("algorithm")
+    if algorithm is None or algorithm.upper() != ALGORITHM:
+        raise SignatureHeaderError("algorithm must be RSA256")
+    encoded = parts.get("signature")
+    if not encoded:
+        raise SignatureHeaderError("no signature part")
+    text = unquote(encoded) if "%" in encoded else encoded
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureHeaderError("signature is not base64") from None
+    return SignatureHeader(algorithm=ALGORITHM, key_version=parts.get("keyversion"), signature=raw)
+
+
+def verify_signature(keys: PublicKeyRing, header: SignatureHeader, content: bytes) -> bool:
+    public_key = keys.for_version(header.key_version)
+    if public_key is None:
+        return False
+    try:
+        public_key.verify(header.signature, content, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_signature_header(
+    keys: PublicKeyRing,
+    header_value: str | None,
+    *,
+    method: str,
+    path: str,
+    client_id: str,
+    time: str,
+    body: bytes,
+) -> bool:
+    """True when ``header_value`` is a valid Alipay signature of this request or response."""
+    if not header_value:
+        return False
+    try:
+        header = parse_signature_header(header_value)
+    except SignatureHeaderError:
+        return False
+    return verify_signature(keys, header, signed_content(method, path, client_id, time, body))
+
+
+def signature_time(now: datetime | None = None) -> str:
+    """An ISO 8601 Request-Time/Response-Time with an explicit offset, second precision."""
+    moment = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    return moment.isoformat()
+
+
+def sign_request_headers(
+    private_key: RSAPrivateKey,
+    *,
+    method: str,
+    path: str,
+    client_id: str,
+    body: bytes,
+    time: str | None = None,
+    time_header: str = "Request-Time",
+    key_version: str = "1",
+) -> dict[str, str]:
+    """Client-Id, Request-Time (or Response-Time) and Signature headers for a body we send."""
+    time = time or signature_time()
+    signature = sign_content(private_key, signed_content(method, path, client_id, time, body))
+    return {
+        "Client-Id": client_id,
+        time_header: time,
+        "Signature": format_signature_header(signature, key_version),
+    }

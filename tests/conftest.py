@@ -1,0 +1,165 @@
+"""Fixtures: a real RabbitMQ namespace per test, real databases, and key pairs for both sides.
+
+Services come from environment variables first (``AUTHNOTIFY_TEST_RABBITMQ_URL``,
+``AUTHNOTIFY_TEST_DATABASE_URL``), then from testcontainers where a Docker engine answers; otherwise the
+tests fail with a message saying what to set. They never skip for a missing service.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from shared.config import Settings
+from shared.keys import private_key_pem, public_key_pem
+from shared.topology import build_topology, delete_topology
+
+RABBITMQ_ENV = "AUTHNOTIFY_TEST_RABBITMQ_URL"
+DATABASE_ENV = "AUTHNOTIFY_TEST_DATABASE_URL"
+
+
+def _docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    url = os.environ.get(RABBITMQ_ENV)
+    if url:
+        yield url
+        return
+    if not _docker_available():
+        pytest.fail(
+            f"No RabbitMQ for the tests: set {RABBITMQ_ENV} (e.g. amqp://guest:guest@127.0.0.1:5672/) "
+            "or make a Docker engine available for testcontainers.",
+            pytrace=False,
+        )
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    with RabbitMqContainer("rabbitmq:3.13-management") as container:
+        params = container.get_connection_params()
+        yield f"amqp://guest:guest@{params.host}:{params.port}/"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    url = os.environ.get(DATABASE_ENV)
+    if url:
+        yield url
+        return
+    if not _docker_available():
+        pytest.fail(
+            f"No PostgreSQL for the tests: set {DATABASE_ENV} "
+            "(e.g. postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/test) "
+            "or make a Docker engine available for testcontainers.",
+            pytrace=False,
+        )
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16", driver="asyncpg") as container:
+        yield container.get_connection_url()
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_key: RSAPrivateKey
+
+    @property
+    def private_pem(self) -> str:
+        return private_key_pem(self.private_key)
+
+    @property
+    def public_pem(self) -> str:
+        return public_key_pem(self.private_key.public_key())
+
+
+@dataclass(frozen=True)
+class TestKeys:
+    ours: KeyPair  # authnotify's own key: signs our answers and requests
+    alipay: KeyPair  # the (fake) Alipay's key: signs notifications and gateway responses
+
+
+@pytest.fixture(scope="session")
+def keys() -> TestKeys:
+    def generate() -> KeyPair:
+        return KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+    return TestKeys(ours=generate(), alipay=generate())
+
+
+AMS_CLIENT_ID = "SANDBOX_5YBX2N2ZAMS01234"
+APS_CLIENT_ID = "2188120123456789"
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def make_settings(
+    rabbitmq_url: str, namespace: str, keys: TestKeys, tmp_path: Any
+) -> AsyncIterator[Callable[..., Settings]]:
+    """Settings for this test's namespace, both providers configured; keyword arguments override.
+
+    Every topology these settings describe is deleted after the test, on a fresh connection.
+    """
+    made: list[Settings] = []
+
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "rabbitmq_url": rabbitmq_url,
+            "namespace": namespace,
+            "queue_type": "quorum",
+            "database_url": f"sqlite+aiosqlite:///{tmp_path}/authnotify.db",
+            "http_host": "127.0.0.1",
+            "worker_http_port": 0,
+            "ams_client_id": AMS_CLIENT_ID,
+            "ams_private_key": keys.ours.private_pem,
+            "ams_alipay_public_key": keys.alipay.public_pem,
+            "ams_customer_belongs_to": "ALIPAY_CN",
+            "aps_client_id": APS_CLIENT_ID,
+            "aps_private_key": keys.ours.private_pem,
+            "aps_alipay_public_key": keys.alipay.public_pem,
+            "retry_delays": "1s,2s",
+        }
+        values.update(overrides)
+        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        made.append(settings)
+        return settings
+
+    yield factory
+
+    topologies = {build_topology(s) for s in made}
+    if not topologies:
+        return
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        for topology in topologies:
+            channel = await connection.channel()
+            await delete_topology(channel, topology)
+            await channel.close()
+
+
+@pytest.fixture
+async def amqp_connection(rabbitmq_url: str, request: pytest.FixtureRequest) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    """A connection of the test's own, to inspect queues; named after the test."""
+    connection = await aio_pika.connect(
+        rabbitmq_url, client_properties={"connection_name": f"test:{request.node.name}"[:200]}
+    )
+    yield connection
+    await connection.close()

@@ -1,0 +1,1 @@
+"""The consumers: one per notification type, plus merchant event delivery."""

@@ -1,0 +1,192 @@
+"""The field rules of the seeds, as pydantic models: one per provider and notification type.
+
+AMS ``notifyAuthorization`` (seed 001) and Alipay+ ``authNotify`` (seed 002). Every field is a JSON string
+(the seeds require strings even for numbers), maximum lengths are the seeds', and the fields a type needs
+are required on that type's model. Unknown fields are kept, not refused: providers add fields.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+
+
+class InvalidNotification(ValueError):
+    """The body breaks a field rule; the message is the dead-letter reason (never a secret value)."""
+
+
+def _max(length: int) -> Any:
+    return Annotated[StrictStr, Field(max_length=length)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, str_strip_whitespace=False)
+
+
+class Result(_Model):
+    resultCode: _max(64)
+    resultStatus: Literal["S", "F", "U"]
+    resultMessage: _max(256) | None = None
+
+
+# --- AMS notifyAuthorization (seed 001) -----------------------------------------------------------
+
+
+class AmsNotification(_Model):
+    provider: Literal["ams"] = "ams"
+    authorizationNotifyType: _max(32)
+    authClientId: _max(64) | None = None
+    accessToken: _max(128) | None = None
+    authState: _max(256) | None = None
+    authCode: _max(64) | None = None
+    reason: _max(256) | None = None
+    result: Result
+    userLoginId: _max(64) | None = None
+    userId: _max(64) | None = None
+
+    @field_validator("result")
+    @classmethod
+    def _successful(cls, result: Result) -> Result:
+        # Alipay notifies only successful authorizations and cancellations (seed 001).
+        if result.resultStatus != "S":
+            raise ValueError(f"result.resultStatus is {result.resultStatus}, not S")
+        return result
+
+
+class AmsAuthCodeCreated(AmsNotification):
+    authorizationNotifyType: Literal["AUTHCODE_CREATED"]
+    authCode: _max(64)
+
+
+class AmsTokenCreated(AmsNotification):
+    authorizationNotifyType: Literal["TOKEN_CREATED"]
+    accessToken: _max(128)
+
+
+class AmsTokenCanceled(AmsNotification):
+    authorizationNotifyType: Literal["TOKEN_CANCELED"]
+    accessToken: _max(128)
+
+
+# --- Alipay+ authNotify (seed 002) ----------------------------------------------------------------
+
+
+class WalletLogo(_Model):
+    logoName: StrictStr | None = None
+    logoUrl: StrictStr | None = None
+
+
+class Wallet(_Model):
+    walletName: StrictStr | None = None
+    walletBrandName: StrictStr | None = None
+    walletLogo: WalletLogo | None = None
+
+
+class ApsNotification(_Model):
+    provider: Literal["aps"] = "aps"
+    authorizationNotifyType: _max(32)
+    authClientId: _max(64)
+    referenceMerchantId: _max(32)
+    accessToken: _max(128) | None = None
+    authCode: _max(64) | None = None
+    authState: _max(256) | None = None
+    customerId: _max(64) | None = None
+    userLoginId: _max(64) | None = None
+    referenceAgreementId: _max(64) | None = None
+    accessTokenExpiryTime: datetime | None = None
+    refreshToken: _max(128) | None = None
+    refreshTokenExpiryTime: datetime | None = None
+    scopes: list[StrictStr] | None = None
+    pspId: _max(64)
+    acquirerId: _max(64)
+    reason: _max(256) | None = None
+    tokenCancelSource: Literal["ACQUIRER", "PSP"] | None = None
+    passThroughInfo: _max(20000) | None = None
+    walletForAccountBinding: Wallet | None = None
+
+    @field_validator("accessTokenExpiryTime", "refreshTokenExpiryTime", mode="before")
+    @classmethod
+    def _iso_8601_string(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be an ISO 8601 string")
+        return value
+
+    @field_validator("accessTokenExpiryTime", "refreshTokenExpiryTime")
+    @classmethod
+    def _with_offset(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a UTC offset, e.g. 2019-11-27T12:01:01+08:00")
+        return value
+
+
+class ApsAuthCodeCreated(ApsNotification):
+    authorizationNotifyType: Literal["AUTHCODE_CREATED"]
+    authCode: _max(64)
+    referenceAgreementId: _max(64)
+
+
+class ApsTokenCreated(ApsNotification):
+    authorizationNotifyType: Literal["TOKEN_CREATED"]
+    accessToken: _max(128)
+    referenceAgreementId: _max(64)
+    walletForAccountBinding: Wallet
+
+
+class ApsTokenCanceled(ApsNotification):
+    authorizationNotifyType: Literal["TOKEN_CANCELED"]
+    accessToken: _max(128)
+    tokenCancelSource: Literal["ACQUIRER", "PSP"]
+
+
+AuthCodeCreated = AmsAuthCodeCreated | ApsAuthCodeCreated
+TokenCreated = AmsTokenCreated | ApsTokenCreated
+TokenCanceled = AmsTokenCanceled | ApsTokenCanceled
+
+MODELS: dict[tuple[str, str], type[_Model]] = {
+    ("ams", "AUTHCODE_CREATED"): AmsAuthCodeCreated,
+    ("ams", "TOKEN_CREATED"): AmsTokenCreated,
+    ("ams", "TOKEN_CANCELED"): AmsTokenCanceled,
+    ("aps", "AUTHCODE_CREATED"): ApsAuthCodeCreated,
+    ("aps", "TOKEN_CREATED"): ApsTokenCreated,
+    ("aps", "TOKEN_CANCELED"): ApsTokenCanceled,
+}
+
+
+def _describe(error: ValidationError) -> str:
+    """The first broken rule, e.g. ``authCode: String should have at most 64 characters``.
+
+    Pydantic's message never carries the input value here, so a too-long token is not echoed.
+    """
+    first = error.errors(include_input=False, include_url=False)[0]
+    location = ".".join(str(part) for part in first.get("loc", ())) or "body"
+    message = first.get("msg", "invalid")
+    if first.get("type") == "missing":
+        message = "required field is missing"
+    more = len(error.errors()) - 1
+    return f"{location}: {message}" + (f" (and {more} more)" if more else "")
+
+
+def parse_notification(body: bytes, provider: str, notify_type: str) -> Any:
+    """The validated model of a notification body, or :class:`InvalidNotification` with the reason."""
+    model = MODELS.get((provider, notify_type))
+    if model is None:
+        raise InvalidNotification(f"no {notify_type} notification for provider {provider!r}")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidNotification("body is not JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidNotification("body is not a JSON object")
+    document.pop("provider", None)  # ours, not Alipay's: the ingress endpoint decides the provider
+    if document.get("authorizationNotifyType") != notify_type:
+        raise InvalidNotification(
+            f"authorizationNotifyType is {str(document.get('authorizationNotifyType'))[:32]!r}, "
+            f"this queue takes {notify_type}"
+        )
+    try:
+        return model.model_validate({**document, "provider": provider})
+    except ValidationError as exc:
+        raise InvalidNotification(_describe(exc)) from None
