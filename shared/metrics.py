@@ -38,12 +38,12 @@ APPLY_TOKEN_SECONDS = Histogram(
 )
 APPLY_TOKEN_RESULTS = Counter(
     "authnotify_apply_token_results_total",
-    "applyToken outcomes by provider and result (S, F, U, http_error, timeout, connection_error, bad_signature).",
+    "applyToken outcomes by provider and result (S, F, U, http_error, timeout, connection_error, bad_signature, bad_response).",
     ["provider", "result"],
 )
 MERCHANT_DELIVERIES = Counter(
     "authnotify_merchant_deliveries_total",
-    "Merchant webhook deliveries by outcome (delivered, failed, filtered).",
+    "Merchant webhook deliveries by outcome (delivered, failed, filtered, no_endpoint).",
     ["outcome"],
 )
 MERCHANT_DELIVERY_SECONDS = Histogram(
