@@ -1,0 +1,422 @@
+"""The store: authorizations and code exchanges, and the event rules that make processing idempotent.
+
+Every call is one short transaction of Core statements (no ORM session): a new authorization costs one
+``INSERT ... ON CONFLICT DO NOTHING RETURNING``; a known one adds an ``UPDATE ... RETURNING``, whose row lock
+serialises concurrent workers on PostgreSQL. So two workers handling the same notification at once never
+hit a unique violation and never both see "new".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from cryptography.fernet import InvalidToken, MultiFernet
+from sqlalchemy import Row, case, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.config import ConfigError, TokenKeys
+from shared.events import AuthorizationData, MerchantEvent, access_token_fingerprint, iso_utc
+from shared.store.engine import create_engine, is_sqlite, parse_url
+from shared.store.errors import StoreError, database_errors, safe_url
+from shared.store.models import STATUS_ACTIVE, STATUS_CANCELED, authorizations, code_exchanges
+
+ACTIVATED = "authorization.activated"
+CANCELED = "authorization.canceled"
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What TOKEN_CREATED or a successful applyToken gives us."""
+
+    provider: str
+    access_token: str
+    refresh_token: str | None = None
+    access_token_expiry_time: datetime | None = None
+    refresh_token_expiry_time: datetime | None = None
+    auth_client_id: str | None = None
+    reference_merchant_id: str | None = None
+    reference_agreement_id: str | None = None
+    customer_id: str | None = None
+    user_login_id: str | None = None
+    auth_state: str | None = None
+    scopes: list[str] | None = None
+
+    def __repr__(self) -> str:  # never a raw token in a log line or a traceback
+        return (f"TokenGrant(provider={self.provider!r}, "
+                f"accessTokenFingerprint={access_token_fingerprint(self.access_token)!r})")
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What TOKEN_CANCELED gives us."""
+
+    provider: str
+    access_token: str
+    auth_client_id: str | None = None
+    reference_merchant_id: str | None = None
+    token_cancel_source: str | None = None
+    reason: str | None = None
+    user_login_id: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"Cancellation(provider={self.provider!r}, "
+                f"accessTokenFingerprint={access_token_fingerprint(self.access_token)!r})")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    authorization: AuthorizationData
+    events: list[MerchantEvent]  # what the caller must emit, already decided by the event rules
+
+
+def code_hash(provider: str, auth_code: str) -> str:
+    """Names an exchanged auth code without keeping it: codes are single-use, high-entropy strings."""
+    return hashlib.sha256(f"{provider}\n{auth_code}".encode()).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def authorization_data(row: Any) -> AuthorizationData:
+    return AuthorizationData(
+        provider=row.provider,
+        status=row.status,
+        accessTokenFingerprint=row.access_token_fingerprint,
+        authClientId=row.auth_client_id,
+        referenceMerchantId=row.reference_merchant_id,
+        referenceAgreementId=row.reference_agreement_id,
+        customerId=row.customer_id,
+        userLoginId=row.user_login_id,
+        authState=row.auth_state,
+        scopes=list(row.scopes) if row.scopes is not None else None,
+        accessTokenExpiryTime=iso_utc(row.access_token_expires_at),
+        refreshTokenExpiryTime=iso_utc(row.refresh_token_expires_at),
+        canceledAt=iso_utc(row.canceled_at),
+        tokenCancelSource=row.token_cancel_source,
+        reason=row.cancel_reason,
+    )
+
+
+def _activated(row: Any) -> MerchantEvent:
+    data = authorization_data(row)
+    return MerchantEvent.of(ACTIVATED, data, row.activated_at or row.created_at)
+
+
+def _canceled(row: Any) -> MerchantEvent:
+    data = authorization_data(row)
+    return MerchantEvent.of(CANCELED, data, row.canceled_at or row.updated_at)
+
+
+def _present(values: dict[str, Any]) -> dict[str, Any]:
+    """Only what a message knows: an absent field never erases a known one."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+_PK = (authorizations.c.provider, authorizations.c.access_token_fingerprint)
+_COLUMNS = tuple(authorizations.c)
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine, token_keys: TokenKeys | None, database_url: str) -> None:
+        self._engine = engine
+        self._token_keys = token_keys
+        self._where = safe_url(database_url)
+        self._insert: Callable[..., Any] = sqlite.insert if engine.dialect.name == "sqlite" else postgresql.insert
+
+    @classmethod
+    async def connect(cls, database_url: str, token_keys: TokenKeys | None, *, migrate: bool = True) -> Store:
+        """Opens the pool (and brings the schema to head); :class:`StoreError` if the database is unreachable."""
+        if migrate:
+            from shared.store.migrations import upgrade_database
+
+            await upgrade_database(database_url)
+        parse_url(database_url)
+        engine = create_engine(database_url)
+        store = cls(engine, token_keys, database_url)
+        if not migrate:
+            try:
+                with store._errors("database unreachable"):
+                    async with engine.connect():
+                        pass
+            except StoreError:
+                await engine.dispose()
+                raise
+        return store
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    def _errors(self, action: str) -> Any:
+        return database_errors(f"{action} ({self._where})")
+
+    def _fernet(self) -> MultiFernet:
+        if self._token_keys is None:
+            raise ConfigError("AUTHNOTIFY_TOKEN_KEYS: required wherever tokens are stored")
+        return self._token_keys.fernet
+
+    # --- writes -------------------------------------------------------------------------------------
+
+    async def record_tokens(self, grant: TokenGrant, *, possibly_seen_before: bool) -> Recorded:
+        fernet = self._fernet()
+        with self._errors("cannot record tokens"):
+            async with self._engine.begin() as conn:
+                row, created = await self._upsert_tokens(conn, grant, fernet)
+        return self._recorded_tokens(row, created, possibly_seen_before)
+
+    async def record_code_exchange(
+        self, provider: str, auth_code: str, grant: TokenGrant, *, possibly_seen_before: bool
+    ) -> Recorded:
+        fernet = self._fernet()
+        now = _now()
+        with self._errors("cannot record code exchange"):
+            async with self._engine.begin() as conn:
+                row, created = await self._upsert_tokens(conn, grant, fernet, now)
+                await conn.execute(
+                    self._insert(code_exchanges)
+                    .values(
+                        code_hash=code_hash(provider, auth_code),
+                        provider=row.provider,
+                        access_token_fingerprint=row.access_token_fingerprint,
+                        exchanged_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=[code_exchanges.c.code_hash])
+                )
+        return self._recorded_tokens(row, created, possibly_seen_before)
+
+    async def record_cancellation(self, cancel: Cancellation, *, possibly_seen_before: bool) -> Recorded:
+        fernet = self._fernet()
+        fingerprint = access_token_fingerprint(cancel.access_token)
+        now = _now()
+        known = _present({
+            "auth_client_id": cancel.auth_client_id,
+            "reference_merchant_id": cancel.reference_merchant_id,
+            "user_login_id": cancel.user_login_id,
+        })
+        cancel_fields = {"token_cancel_source": cancel.token_cancel_source, "cancel_reason": cancel.reason}
+        pk = (authorizations.c.provider == cancel.provider) & (authorizations.c.access_token_fingerprint == fingerprint)
+        with self._errors("cannot record cancellation"):
+            async with self._engine.begin() as conn:
+                # No row yet: a tombstone, so a TOKEN_CREATED that arrives later cannot activate it.
+                tombstone = (
+                    self._insert(authorizations)
+                    .values(
+                        provider=cancel.provider,
+                        access_token_fingerprint=fingerprint,
+                        status=STATUS_CANCELED,
+                        access_token_encrypted=fernet.encrypt(cancel.access_token.encode()),
+                        created_at=now,
+                        updated_at=now,
+                        canceled_at=now,
+                        **known,
+                        **cancel_fields,
+                    )
+                    .on_conflict_do_nothing(index_elements=list(_PK))
+                    .returning(*_COLUMNS)
+                )
+                row = (await conn.execute(tombstone)).first()
+                if row is not None:
+                    return Recorded(authorization_data(row), [_canceled(row)])
+                cancel_active = (
+                    authorizations.update()
+                    .where(pk & (authorizations.c.status == STATUS_ACTIVE))
+                    .values(status=STATUS_CANCELED, canceled_at=now, updated_at=now, **known, **cancel_fields)
+                    .returning(*_COLUMNS)
+                )
+                row = (await conn.execute(cancel_active)).first()
+                if row is not None:
+                    return Recorded(authorization_data(row), [_canceled(row)])
+                # Already canceled: the first cancellation's facts and time stand.
+                row = (await conn.execute(select(*_COLUMNS).where(pk))).first()
+        if row is None:  # pragma: no cover - rows are never deleted
+            raise StoreError("authorization vanished while recording a cancellation")
+        return Recorded(authorization_data(row), [_canceled(row)] if possibly_seen_before else [])
+
+    async def _upsert_tokens(
+        self, conn: AsyncConnection, grant: TokenGrant, fernet: MultiFernet, now: datetime | None = None
+    ) -> tuple[Row[Any], bool]:
+        now = now or _now()
+        fingerprint = access_token_fingerprint(grant.access_token)
+        fields = _present({
+            "access_token_encrypted": fernet.encrypt(grant.access_token.encode()),
+            "refresh_token_encrypted": fernet.encrypt(grant.refresh_token.encode()) if grant.refresh_token else None,
+            "access_token_expires_at": grant.access_token_expiry_time,
+            "refresh_token_expires_at": grant.refresh_token_expiry_time,
+            "auth_client_id": grant.auth_client_id,
+            "reference_merchant_id": grant.reference_merchant_id,
+            "reference_agreement_id": grant.reference_agreement_id,
+            "customer_id": grant.customer_id,
+            "user_login_id": grant.user_login_id,
+            "auth_state": grant.auth_state,
+            "scopes": list(grant.scopes) if grant.scopes is not None else None,
+        })
+        insert = (
+            self._insert(authorizations)
+            .values(
+                provider=grant.provider,
+                access_token_fingerprint=fingerprint,
+                status=STATUS_ACTIVE,
+                created_at=now,
+                updated_at=now,
+                activated_at=now,
+                **fields,
+            )
+            .on_conflict_do_nothing(index_elements=list(_PK))
+            .returning(*_COLUMNS)
+        )
+        row = (await conn.execute(insert)).first()
+        if row is not None:
+            return row, True
+        # Known (active, or a cancellation tombstone): fill in what this grant knows; status stays.
+        update = (
+            authorizations.update()
+            .where((authorizations.c.provider == grant.provider)
+                   & (authorizations.c.access_token_fingerprint == fingerprint))
+            .values(updated_at=now, **fields)
+            .returning(*_COLUMNS)
+        )
+        row = (await conn.execute(update)).first()
+        if row is None:  # pragma: no cover - rows are never deleted
+            raise StoreError("authorization vanished while recording tokens")
+        return row, False
+
+    @staticmethod
+    def _recorded_tokens(row: Any, created: bool, possibly_seen_before: bool) -> Recorded:
+        data = authorization_data(row)
+        if row.status != STATUS_ACTIVE:
+            return Recorded(data, [])  # canceled stays canceled: never an activation for it
+        if created or possibly_seen_before:
+            return Recorded(data, [_activated(row)])
+        return Recorded(data, [])
+
+    async def reencrypt_tokens(self, *, batch_size: int = 500) -> int:
+        """Re-encrypts every stored token with the first key of TOKEN_KEYS (after a rotation, before an old
+        key is dropped). Returns the number of authorizations rewritten."""
+        fernet = self._fernet()
+        done = 0
+        after: tuple[str, str] = ("", "")
+        with self._errors("cannot re-encrypt tokens"):
+            while True:
+                async with self._engine.begin() as conn:
+                    query = (
+                        select(*_PK, authorizations.c.access_token_encrypted, authorizations.c.refresh_token_encrypted)
+                        .where(or_(authorizations.c.provider > after[0],
+                                   (authorizations.c.provider == after[0])
+                                   & (authorizations.c.access_token_fingerprint > after[1])))
+                        .order_by(*_PK)
+                        .limit(batch_size)
+                    )
+                    if not is_sqlite(self._engine.url):
+                        query = query.with_for_update()
+                    rows = (await conn.execute(query)).all()
+                    for row in rows:
+                        values = {
+                            "access_token_encrypted": self._rotate(fernet, row.access_token_encrypted),
+                            "refresh_token_encrypted": self._rotate(fernet, row.refresh_token_encrypted),
+                        }
+                        await conn.execute(
+                            authorizations.update()
+                            .where((authorizations.c.provider == row.provider)
+                                   & (authorizations.c.access_token_fingerprint == row.access_token_fingerprint))
+                            .values(**values)
+                        )
+                done += len(rows)
+                if len(rows) < batch_size:
+                    return done
+                after = (rows[-1].provider, rows[-1].access_token_fingerprint)
+
+    @staticmethod
+    def _rotate(fernet: MultiFernet, ciphertext: bytes | None) -> bytes | None:
+        if ciphertext is None:
+            return None
+        try:
+            return fernet.rotate(ciphertext)
+        except InvalidToken:
+            raise StoreError("a stored token does not decrypt with any key of AUTHNOTIFY_TOKEN_KEYS") from None
+
+    # --- reads --------------------------------------------------------------------------------------
+
+    async def find_code_exchange(self, provider: str, auth_code: str) -> AuthorizationData | None:
+        query = (
+            select(*_COLUMNS)
+            .join(code_exchanges, (code_exchanges.c.provider == authorizations.c.provider)
+                  & (code_exchanges.c.access_token_fingerprint == authorizations.c.access_token_fingerprint))
+            .where(code_exchanges.c.code_hash == code_hash(provider, auth_code))
+        )
+        with self._errors("cannot look up code exchange"):
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(query)).first()
+        return authorization_data(row) if row is not None else None
+
+    async def get_authorization(self, key: str) -> AuthorizationData | None:
+        """By accessTokenFingerprint or referenceAgreementId; a fingerprint match wins, then the newest."""
+        fingerprint_match = authorizations.c.access_token_fingerprint == key
+        query = (
+            select(*_COLUMNS)
+            .where(or_(fingerprint_match, authorizations.c.reference_agreement_id == key))
+            .order_by(case((fingerprint_match, 0), else_=1), authorizations.c.updated_at.desc())
+            .limit(1)
+        )
+        with self._errors("cannot read authorization"):
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(query)).first()
+        return authorization_data(row) if row is not None else None
+
+    async def list_authorizations(
+        self, *, status: str | None = None, merchant: str | None = None
+    ) -> list[AuthorizationData]:
+        query = select(*_COLUMNS).order_by(authorizations.c.created_at, *_PK)
+        if status is not None:
+            query = query.where(authorizations.c.status == status)
+        if merchant is not None:
+            query = query.where(or_(authorizations.c.reference_merchant_id == merchant,
+                                    authorizations.c.auth_client_id == merchant))
+        return await self._read_all(query, "cannot list authorizations")
+
+    async def expiring(self, *, before: datetime, token: Literal["access", "refresh"]) -> list[AuthorizationData]:
+        """Active authorizations whose access (or refresh) token expires before ``before``, soonest first."""
+        if token not in ("access", "refresh"):
+            raise ValueError("token must be 'access' or 'refresh'")
+        column = (authorizations.c.access_token_expires_at if token == "access"
+                  else authorizations.c.refresh_token_expires_at)
+        query = (
+            select(*_COLUMNS)
+            .where((authorizations.c.status == STATUS_ACTIVE) & column.is_not(None) & (column < before))
+            .order_by(column, *_PK)
+        )
+        return await self._read_all(query, "cannot query expiring authorizations")
+
+    async def tokens_of(self, provider: str, fingerprint: str) -> tuple[str, str | None] | None:
+        """The decrypted (access token, refresh token), for refresh or revoke work; None when unknown."""
+        fernet = self._fernet()
+        query = select(authorizations.c.access_token_encrypted, authorizations.c.refresh_token_encrypted).where(
+            (authorizations.c.provider == provider) & (authorizations.c.access_token_fingerprint == fingerprint)
+        )
+        with self._errors("cannot read tokens"):
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(query)).first()
+        if row is None or row.access_token_encrypted is None:
+            return None
+        try:
+            access = fernet.decrypt(row.access_token_encrypted).decode()
+            refresh = fernet.decrypt(row.refresh_token_encrypted).decode() if row.refresh_token_encrypted else None
+        except InvalidToken:
+            raise StoreError(
+                f"tokens of {provider}/{fingerprint} do not decrypt with any key of AUTHNOTIFY_TOKEN_KEYS"
+            ) from None
+        return access, refresh
+
+    async def _read_all(self, query: Any, action: str) -> list[AuthorizationData]:
+        with self._errors(action):
+            async with self._engine.connect() as conn:
+                rows: Sequence[Any] = (await conn.execute(query)).all()
+        return [authorization_data(row) for row in rows]
