@@ -1,0 +1,1 @@
+"""Fakes of the outside world (Alipay gateway, merchant endpoint) for tests and ``authnotify dev``."""

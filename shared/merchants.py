@@ -1,0 +1,190 @@
+"""The merchant webhook registry (contract section 6): which endpoint receives which event.
+
+``AUTHNOTIFY_MERCHANTS_FILE`` is TOML::
+
+    [merchants.default]                  # used when no other entry matches
+    url = "https://merchant.example/webhooks/alipay-authorization"
+    secret = "whsec_..."                 # whsec_ + base64 of 24 to 64 random bytes
+
+    [merchants."218823863726123456780"]  # matched against referenceMerchantId, then authClientId
+    url = "https://other.example/hooks"
+    secret = "whsec_..."
+    events = ["authorization.canceled"]  # optional filter; default: every type
+
+The file is validated once, at start; a bad file stops the process with one line naming
+AUTHNOTIFY_MERCHANTS_FILE and the entry (never a secret). An entry that matched an event is authoritative:
+when its ``events`` filter leaves the event's type out, the event is not delivered anywhere (it does not
+fall through to the default); the worker acknowledges it and counts it as filtered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from standardwebhooks import Webhook
+from yarl import URL
+
+from shared.config import ENV_PREFIX, ConfigError, Settings
+from shared.events import EVENT_TYPES, AuthorizationData
+
+MERCHANTS_FILE_VARIABLE = f"{ENV_PREFIX}MERCHANTS_FILE"
+DEFAULT_ENTRY = "default"
+SECRET_PREFIX = "whsec_"
+SECRET_MIN_BYTES = 24
+SECRET_MAX_BYTES = 64
+_ENTRY_KEYS = frozenset({"url", "secret", "events"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One registry entry: where to POST and how to sign. Its repr never shows the secret."""
+
+    name: str  # "default" or the merchant id the entry is keyed by
+    url: str
+    secret: str = field(repr=False)
+    events: frozenset[str] | None = None  # None: every type
+
+    def accepts(self, event_type: str) -> bool:
+        return self.events is None or event_type in self.events
+
+    @property
+    def webhook(self) -> Webhook:
+        return Webhook(self.secret)
+
+
+@dataclass(frozen=True)
+class MerchantRegistry:
+    entries: dict[str, Endpoint]  # by merchant id, the default excluded
+    default: Endpoint | None
+
+    def endpoint_for(self, data: AuthorizationData) -> Endpoint | None:
+        """The entry for referenceMerchantId, else for authClientId, else the default, else None.
+
+        The caller still asks :meth:`Endpoint.accepts` whether the entry wants the event's type.
+        """
+        for merchant_id in (data.referenceMerchantId, data.authClientId):
+            if merchant_id and merchant_id in self.entries:
+                return self.entries[merchant_id]
+        return self.default
+
+    def __len__(self) -> int:
+        return len(self.entries) + (self.default is not None)
+
+
+def _entry_label(name: str) -> str:
+    return f"merchants.{name}" if name.isidentifier() else f'merchants."{name}"'
+
+
+def _decode_secret(secret: str) -> bytes | None:
+    if not secret.startswith(SECRET_PREFIX):
+        return None
+    try:
+        raw = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw
+
+
+def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoint:
+    if not isinstance(entry, dict):
+        fail("must be a table with url and secret")
+    unknown = sorted(set(entry) - _ENTRY_KEYS)
+    if unknown:
+        fail(f"unknown key {unknown[0]!r} (allowed: events, secret, url)")
+
+    url = entry.get("url")
+    if not isinstance(url, str) or not url.strip():
+        fail("url is required (an http or https URL)")
+    try:
+        parsed = URL(url.strip())
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        fail("url must be an absolute http or https URL")
+
+    secret = entry.get("secret")
+    if not isinstance(secret, str) or not secret:
+        fail("secret is required (whsec_ followed by base64 of 24 to 64 random bytes)")
+    raw = _decode_secret(secret.strip())
+    if raw is None:
+        fail("secret must be whsec_ followed by base64 of 24 to 64 random bytes")
+    if not SECRET_MIN_BYTES <= len(raw) <= SECRET_MAX_BYTES:
+        fail(f"secret decodes to {len(raw)} bytes; it must be 24 to 64")
+
+    events: frozenset[str] | None = None
+    if "events" in entry:
+        listed = entry["events"]
+        if not isinstance(listed, list) or not all(isinstance(e, str) for e in listed):
+            fail("events must be a list of event types")
+        wrong = [e for e in listed if e not in EVENT_TYPES]
+        if wrong:
+            fail(f"events: unknown type {wrong[0]!r} (known: {', '.join(EVENT_TYPES)})")
+        events = frozenset(listed)
+    return Endpoint(name=name, url=url.strip(), secret=secret.strip(), events=events)
+
+
+def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE) -> MerchantRegistry:
+    """The registry of a TOML document; :class:`ConfigError` with one line naming ``source`` and the entry."""
+
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    unknown = sorted(set(document) - {"merchants"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (only [merchants.*] tables)")
+    merchants = document.get("merchants")
+    if not isinstance(merchants, dict) or not merchants:
+        raise ConfigError(f"{source}: defines no merchants (add [merchants.default] or [merchants.\"<id>\"])")
+
+    entries: dict[str, Endpoint] = {}
+    default: Endpoint | None = None
+    for name, entry in merchants.items():
+        label = _entry_label(name)
+
+        def fail(message: str, label: str = label) -> NoReturn:
+            raise ConfigError(f"{source}: [{label}] {message}")
+
+        if not name.strip():
+            fail("the merchant id must not be empty")
+        endpoint = _endpoint(name, entry, fail)
+        if name == DEFAULT_ENTRY:
+            default = endpoint
+        else:
+            entries[name] = endpoint
+    return MerchantRegistry(entries=entries, default=default)
+
+
+def load_merchant_registry(path: Path | str) -> MerchantRegistry:
+    source = f"{MERCHANTS_FILE_VARIABLE}={path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    return parse_merchant_registry(text, source)
+
+
+def merchant_registry_from_settings(settings: Settings) -> MerchantRegistry:
+    """The registry the merchant-events worker needs: required there, so unset is a start failure."""
+    if settings.merchants_file is None:
+        raise ConfigError(
+            f"{MERCHANTS_FILE_VARIABLE}: required by the merchant-events worker (a TOML merchant registry)"
+        )
+    return load_merchant_registry(settings.merchants_file)
+
+
+def generate_secret(size: int = 32) -> str:
+    """A fresh Standard Webhooks secret, for ``authnotify dev`` and tests."""
+    import secrets
+
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(size)).decode("ascii")

@@ -1,0 +1,394 @@
+"""Merchant events (contract section 6): the registry, signed delivery, routing, filters, retries, dead letters."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import orjson
+import pytest
+from standardwebhooks import Webhook
+
+from authnotify.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
+from tests.events_harness import declare, eventually, metric, publish_event, running_workers, take_all, take_messages
+from shared import messages as h
+from shared.config import ConfigError, Settings
+from shared.events import AuthorizationData, MerchantEvent, access_token_fingerprint
+from shared.merchants import (
+    Endpoint,
+    generate_secret,
+    load_merchant_registry,
+    merchant_registry_from_settings,
+    parse_merchant_registry,
+)
+from shared.topology import Consumer, build_topology
+from workers import merchant_events
+from workers.merchant_events import handle_merchant_event, signed_headers
+from workers.resources import Resources
+from workers.runtime import MessageContext, PermanentError, TransientError
+
+FAST_RETRIES = "200ms,400ms"
+PROCESSED = "authnotify_messages_processed_total"
+DELIVERIES = "authnotify_merchant_deliveries_total"
+
+
+def event_for(*, merchant: str | None = "M-1", client: str | None = "C-1", provider: str = "aps",
+              event_type: str = "authorization.activated") -> MerchantEvent:
+    token = f"tok-{uuid.uuid4().hex}"
+    data = AuthorizationData(
+        provider=provider,  # type: ignore[arg-type]
+        status="active" if event_type == "authorization.activated" else "canceled",
+        accessTokenFingerprint=access_token_fingerprint(token),
+        referenceMerchantId=merchant,
+        authClientId=client,
+        referenceAgreementId="agreement-1",
+        scopes=["AGREEMENT_PAY"],
+    )
+    return MerchantEvent.of(event_type, data, datetime.now(UTC))  # type: ignore[arg-type]
+
+
+def toml_entry(name: str, url: str, secret: str, events: list[str] | None = None) -> str:
+    key = name if name == "default" else f'"{name}"'
+    lines = [f"[merchants.{key}]", f'url = "{url}"', f'secret = "{secret}"']
+    if events is not None:
+        lines.append("events = [" + ", ".join(f'"{e}"' for e in events) + "]")
+    return "\n".join(lines) + "\n\n"
+
+
+def context(attempt: int = 1) -> MessageContext:
+    return MessageContext(Consumer.MERCHANT_EVENTS, "m1", "aps", "authorization.activated", attempt, attempt > 1)
+
+
+# --- the registry ----------------------------------------------------------------------------------
+
+
+def test_registry_routes_by_reference_merchant_id_then_auth_client_id_then_default() -> None:
+    registry = parse_merchant_registry(
+        toml_entry("default", "https://default.example/hook", generate_secret())
+        + toml_entry("M-1", "https://m1.example/hook", generate_secret())
+        + toml_entry("C-2", "https://c2.example/hook", generate_secret(), ["authorization.canceled"])
+    )
+    by = registry.endpoint_for
+    assert by(event_for(merchant="M-1", client="C-2").data).name == "M-1"  # type: ignore[union-attr]
+    assert by(event_for(merchant="other", client="C-2").data).name == "C-2"  # type: ignore[union-attr]
+    assert by(event_for(merchant=None, client="M-1").data).name == "M-1"  # type: ignore[union-attr]
+    assert by(event_for(merchant="x", client="y").data).name == "default"  # type: ignore[union-attr]
+    c2 = registry.entries["C-2"]
+    assert c2.accepts("authorization.canceled") and not c2.accepts("authorization.activated")
+    assert registry.default is not None and registry.default.accepts("authorization.activated")
+
+
+def test_registry_without_default_has_no_endpoint_for_unknown_merchants() -> None:
+    registry = parse_merchant_registry(toml_entry("M-1", "https://m1.example/hook", generate_secret()))
+    assert registry.endpoint_for(event_for(merchant="x", client="y").data) is None
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ("[merchants.default\n", "not valid TOML"),
+        ("", "defines no merchants"),
+        ('[other]\nx = 1\n', "unknown top-level key 'other'"),
+        ('[merchants."M-1"]\nsecret = "SECRET"\n', '[merchants."M-1"] url is required'),
+        ('[merchants.default]\nurl = "ftp://x"\nsecret = "SECRET"\n', "[merchants.default] url must be an absolute http"),
+        ('[merchants.default]\nurl = "https://x.example"\n', "[merchants.default] secret is required"),
+        ('[merchants.default]\nurl = "https://x.example"\nsecret = "SECRETBODY"\n', "secret must be whsec_"),
+        ('[merchants.default]\nurl = "https://x.example"\nsecret = "whsec_%%notbase64"\n', "secret must be whsec_"),
+        ('[merchants.default]\nurl = "https://x.example"\nsecret = "whsec_c2hvcnRzaG9ydHNob3J0"\n', "decodes to 15 bytes"),
+        ('[merchants.default]\nurl = "https://x.example"\nsecret = "SECRET"\nevents = ["authorization.paused"]\n',
+         "events: unknown type 'authorization.paused'"),
+        ('[merchants.default]\nurl = "https://x.example"\nsecret = "SECRET"\nevent = ["authorization.canceled"]\n',
+         "unknown key 'event'"),
+    ],
+)
+def test_registry_errors_are_one_line_naming_the_variable_and_the_entry(
+    document: str, expected: str, tmp_path: Path
+) -> None:
+    secret = generate_secret()
+    path = tmp_path / "merchants.toml"
+    path.write_text(document.replace("SECRETBODY", secret[6:]).replace("SECRET", secret))
+    with pytest.raises(ConfigError) as caught:
+        load_merchant_registry(path)
+    message = str(caught.value)
+    assert message.startswith(f"AUTHNOTIFY_MERCHANTS_FILE={path}: ")
+    assert expected in message
+    assert "\n" not in message
+    assert secret[6:] not in message  # a secret never shows in an error
+
+
+def test_registry_secret_sizes_and_missing_file(tmp_path: Path) -> None:
+    for size in (24, 64):
+        parse_merchant_registry(toml_entry("default", "https://x.example", generate_secret(size)))
+    for size in (23, 65):
+        with pytest.raises(ConfigError, match=f"decodes to {size} bytes"):
+            parse_merchant_registry(toml_entry("default", "https://x.example", generate_secret(size)))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_merchant_registry(tmp_path / "absent.toml")
+    endpoint = Endpoint("default", "https://x.example", generate_secret())
+    assert endpoint.secret not in repr(endpoint)
+
+
+async def test_merchant_events_worker_requires_the_merchants_file(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    with pytest.raises(ConfigError, match="^AUTHNOTIFY_MERCHANTS_FILE: required by the merchant-events worker"):
+        merchant_registry_from_settings(settings)
+    resources = Resources(settings)
+    try:
+        with pytest.raises(ConfigError, match="AUTHNOTIFY_MERCHANTS_FILE"):
+            await merchant_events.worker_spec(resources)
+    finally:
+        await resources.aclose()
+
+
+# --- the sandbox endpoint and the handler ----------------------------------------------------------
+
+
+@pytest.fixture
+async def endpoints() -> AsyncIterator[Callable[..., Any]]:
+    started: list[RunningMerchantEndpoint] = []
+
+    async def start(secret: str | None = None) -> RunningMerchantEndpoint:
+        running = await start_merchant_endpoint(secret or generate_secret())
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.aclose()
+
+
+async def test_sandbox_endpoint_refuses_a_wrong_signature(endpoints: Callable[..., Any]) -> None:
+    running = await endpoints()
+    event = event_for()
+    payload = event.to_json()
+    wrong = Endpoint("default", running.url_for(), generate_secret())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.url_for(), data=payload, headers=signed_headers(wrong, event.id, payload)) as r:
+            assert r.status == 401
+        garbled = {**signed_headers(wrong, event.id, payload), "webhook-signature": "garbage"}
+        async with http.post(running.url_for(), data=payload, headers=garbled) as r:
+            assert r.status == 401
+        async with http.post(running.url_for(), data=payload) as r:
+            assert r.status == 401
+    assert len(running.endpoint.rejected) == 3 and not running.endpoint.delivered
+
+
+async def test_handler_errors_say_what_the_merchant_did(
+    endpoints: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await endpoints()
+    endpoint = Endpoint("default", running.url_for(), running.endpoint.secret)
+    registry = parse_merchant_registry(toml_entry("default", running.url_for(), running.endpoint.secret))
+    async with aiohttp.ClientSession() as http:
+        running.endpoint.fail(1, status=503)
+        with pytest.raises(TransientError, match="^merchant 'default' answered HTTP 503$"):
+            await handle_merchant_event(event_for(), context(), registry=registry, http=http)
+
+        monkeypatch.setattr(merchant_events, "DELIVERY_TIMEOUT_SECONDS", 0.2)
+        running.endpoint.delay_seconds = 1.0
+        with pytest.raises(TransientError, match="did not answer within 0.2 s"):
+            await handle_merchant_event(event_for(), context(), registry=registry, http=http)
+        running.endpoint.delay_seconds = 0
+
+        closed = await endpoints(endpoint.secret)
+        url = closed.url_for()
+        await closed.aclose()
+        unreachable = parse_merchant_registry(toml_entry("default", url, endpoint.secret))
+        with pytest.raises(TransientError, match="^merchant 'default' unreachable"):
+            await handle_merchant_event(event_for(), context(), registry=unreachable, http=http)
+
+        only_m1 = parse_merchant_registry(toml_entry("M-1", running.url_for(), endpoint.secret))
+        with pytest.raises(PermanentError, match="referenceMerchantId 'M-9' or authClientId 'C-9'"):
+            await handle_merchant_event(event_for(merchant="M-9", client="C-9"), context(), registry=only_m1, http=http)
+
+
+# --- the worker on the real broker -----------------------------------------------------------------
+
+
+def write_registry(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / f"merchants-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(text)
+    return path
+
+
+async def test_event_is_delivered_signed_and_verified_by_the_merchant(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    endpoints: Callable[..., Any], tmp_path: Path,
+) -> None:
+    merchant = await endpoints()
+    settings = make_settings(
+        merchants_file=write_registry(tmp_path, toml_entry("default", merchant.url_for("/hooks"), merchant.endpoint.secret)),
+        retry_delays=FAST_RETRIES,
+    )
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+    event = event_for()
+    async with running_workers(settings, "merchant-events"):
+        await publish_event(channel, settings, event)
+        delivered = await merchant.endpoint.wait_for_delivered(1)
+    request = delivered[0]
+    assert request.path == "/hooks"
+    assert request.headers["webhook-id"] == event.id
+    assert request.headers["content-type"] == "application/json"
+    assert request.body == event.to_json()
+    assert request.event["data"]["accessTokenFingerprint"] == event.data.accessTokenFingerprint
+    # The merchant's own check, independent of the sandbox: Standard Webhooks verification passes.
+    Webhook(merchant.endpoint.secret).verify(request.body, request.headers)
+    assert request.headers["webhook-signature"].startswith("v1,")
+
+
+async def test_events_are_routed_by_reference_merchant_id_then_auth_client_id_then_default(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    endpoints: Callable[..., Any], tmp_path: Path,
+) -> None:
+    by_merchant, by_client, default = await endpoints(), await endpoints(), await endpoints()
+    registry = (
+        toml_entry("M-1", by_merchant.url_for(), by_merchant.endpoint.secret)
+        + toml_entry("C-2", by_client.url_for(), by_client.endpoint.secret)
+        + toml_entry("default", default.url_for(), default.endpoint.secret)
+    )
+    settings = make_settings(merchants_file=write_registry(tmp_path, registry), retry_delays=FAST_RETRIES)
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+    first = event_for(merchant="M-1", client="C-2")  # referenceMerchantId wins over authClientId
+    second = event_for(merchant="M-unknown", client="C-2")
+    third = event_for(merchant=None, client="C-2", provider="ams")  # AMS has only authClientId
+    fourth = event_for(merchant="M-unknown", client="C-unknown")
+    async with running_workers(settings, "merchant-events"):
+        for event in (first, second, third, fourth):
+            await publish_event(channel, settings, event)
+        await by_merchant.endpoint.wait_for_delivered(1)
+        await by_client.endpoint.wait_for_delivered(2)
+        await default.endpoint.wait_for_delivered(1)
+    assert [r.webhook_id for r in by_merchant.endpoint.delivered] == [first.id]
+    assert sorted(r.webhook_id for r in by_client.endpoint.delivered) == sorted([second.id, third.id])
+    assert [r.webhook_id for r in default.endpoint.delivered] == [fourth.id]
+
+
+async def test_events_filter_drops_other_types_and_acknowledges_them(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    endpoints: Callable[..., Any], tmp_path: Path,
+) -> None:
+    merchant, default = await endpoints(), await endpoints()
+    registry = (
+        toml_entry("M-1", merchant.url_for(), merchant.endpoint.secret, ["authorization.canceled"])
+        + toml_entry("default", default.url_for(), default.endpoint.secret)
+    )
+    settings = make_settings(merchants_file=write_registry(tmp_path, registry), retry_delays=FAST_RETRIES)
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+    activated = event_for(merchant="M-1", event_type="authorization.activated")
+    canceled = event_for(merchant="M-1", event_type="authorization.canceled")
+    ok_before = metric(PROCESSED, queue="merchant-events", outcome="ok")
+    filtered_before = metric(DELIVERIES, outcome="filtered")
+    async with running_workers(settings, "merchant-events"):
+        await publish_event(channel, settings, activated)
+        await publish_event(channel, settings, canceled)
+
+        async def both_acked() -> bool:
+            return metric(PROCESSED, queue="merchant-events", outcome="ok") - ok_before >= 2
+
+        await eventually(both_acked, what="both events acknowledged")
+    assert [r.webhook_id for r in merchant.endpoint.delivered] == [canceled.id]
+    assert default.endpoint.requests == []  # a filtered event does not fall through to the default
+    assert metric(DELIVERIES, outcome="filtered") - filtered_before == 1
+    topology = build_topology(settings)
+    assert await take_all(channel, topology.dead_letter_queue(Consumer.MERCHANT_EVENTS)) == []
+
+
+async def test_failing_merchant_is_retried_with_the_same_webhook_id_then_dead_lettered_and_replayed(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    endpoints: Callable[..., Any], tmp_path: Path,
+) -> None:
+    merchant = await endpoints()
+    settings = make_settings(
+        merchants_file=write_registry(tmp_path, toml_entry("default", merchant.url_for(), merchant.endpoint.secret)),
+        retry_delays=FAST_RETRIES,
+    )
+    topology = build_topology(settings)
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+    event = event_for()
+    merchant.endpoint.fail(3, status=503)  # every attempt: 1 + 2 retries
+    async with running_workers(settings, "merchant-events"):
+        await publish_event(channel, settings, event)
+        [dead] = await take_messages(channel, topology.dead_letter_queue(Consumer.MERCHANT_EVENTS), 1)
+        assert [r.status for r in merchant.endpoint.requests] == [503, 503, 503]
+        assert {r.webhook_id for r in merchant.endpoint.requests} == {event.id}
+        assert all(r.verified for r in merchant.endpoint.requests)
+        assert dead.body == event.to_json()
+        assert dead.message_id == event.id
+        assert dead.headers[h.DEAD_REASON] == "merchant 'default' answered HTTP 503"
+        assert dead.headers[h.DEAD_ATTEMPTS] == 3
+        assert dead.headers[h.DEAD_QUEUE] == "merchant-events"
+
+        # What `dlq replay` does: back to the consumer queue, attempt 1, the death in the history.
+        headers = {k: v for k, v in dead.headers.items() if not k.startswith("authnotify-dead-")}
+        headers.update({h.ATTEMPT: 1, h.REPLAYED: 1, h.HISTORY: orjson.dumps([{"reason": dead.headers[h.DEAD_REASON]}]).decode()})
+        await channel.default_exchange.publish(
+            aio_pika.Message(dead.body, headers=headers, message_id=dead.message_id,
+                             content_type=dead.content_type, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=topology.consumer_queue(Consumer.MERCHANT_EVENTS),
+        )
+        [delivered] = await merchant.endpoint.wait_for_delivered(1)
+    assert delivered.webhook_id == event.id
+    assert delivered.body == event.to_json()
+
+
+async def test_transient_failures_then_success_deliver_once(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    endpoints: Callable[..., Any], tmp_path: Path,
+) -> None:
+    merchant = await endpoints()
+    settings = make_settings(
+        merchants_file=write_registry(tmp_path, toml_entry("default", merchant.url_for(), merchant.endpoint.secret)),
+        retry_delays=FAST_RETRIES,
+    )
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+    event = event_for()
+    merchant.endpoint.fail(2, status=500)
+    async with running_workers(settings, "merchant-events"):
+        await publish_event(channel, settings, event)
+        await merchant.endpoint.wait_for_delivered(1)
+    assert [r.status for r in merchant.endpoint.requests] == [500, 500, 204]
+    assert {r.webhook_id for r in merchant.endpoint.requests} == {event.id}
+    timestamps = [int(r.headers["webhook-timestamp"]) for r in merchant.endpoint.requests]
+    assert timestamps == sorted(timestamps)  # each attempt signs with its own, current timestamp
+
+
+async def test_event_without_endpoint_or_with_a_bad_body_is_dead_lettered_at_once(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    endpoints: Callable[..., Any], tmp_path: Path,
+) -> None:
+    merchant = await endpoints()
+    settings = make_settings(
+        merchants_file=write_registry(tmp_path, toml_entry("M-1", merchant.url_for(), merchant.endpoint.secret)),
+        retry_delays=FAST_RETRIES,
+    )
+    topology = build_topology(settings)
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+    stray = event_for(merchant="M-9", client="C-9")
+    async with running_workers(settings, "merchant-events"):
+        await publish_event(channel, settings, stray)
+        exchange = await channel.get_exchange(topology.notifications_exchange)
+        await exchange.publish(
+            aio_pika.Message(b'{"id": "msg_x", "type": "authorization.paused"}', message_id="bad-1",
+                             headers={h.ATTEMPT: 1}),
+            routing_key="event.authorization.paused",
+        )
+        dead = await take_messages(channel, topology.dead_letter_queue(Consumer.MERCHANT_EVENTS), 2)
+    reasons = {m.message_id: m.headers[h.DEAD_REASON] for m in dead}
+    assert reasons[stray.id] == (
+        "no merchant endpoint for referenceMerchantId 'M-9' or authClientId 'C-9', "
+        "and no [merchants.default] in the merchant registry"
+    )
+    assert reasons["bad-1"].startswith("not a merchant event: ")
+    assert all(m.headers[h.DEAD_ATTEMPTS] == 1 for m in dead)
+    assert merchant.endpoint.requests == []

@@ -1,0 +1,130 @@
+"""The ``merchant-events`` worker: POSTs each event to its merchant, signed per Standard Webhooks.
+
+Contract section 6. The ``webhook-id`` is the event's id, the same on every retry and replay, so the merchant
+deduplicates on it; ``webhook-timestamp`` is the time of each attempt (verifiers refuse stale timestamps).
+A 2xx answer is delivered; any other answer, a timeout or a connection error is transient (retried, then
+dead-lettered); an event no registry entry and no default takes is dead-lettered at once. An entry whose
+``events`` filter leaves the type out means: not delivered, acknowledged, counted as ``filtered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import aiohttp
+from pydantic import ValidationError
+
+from shared.events import MerchantEvent
+from shared.logging import get_logger
+from shared.merchants import Endpoint, MerchantRegistry, merchant_registry_from_settings
+from shared.messages import JSON_CONTENT_TYPE
+from shared.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS
+from shared.topology import Consumer
+from workers.runtime import MessageContext, PermanentError, TransientError, WorkerSpec
+
+if TYPE_CHECKING:
+    from workers.resources import Resources
+
+log = get_logger("authnotify.merchant_events")
+
+DELIVERY_TIMEOUT_SECONDS = 15.0
+USER_AGENT = "authnotify-webhooks/1"
+
+
+def signed_headers(endpoint: Endpoint, event_id: str, payload: bytes, now: datetime | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers for one attempt: id, whole-second timestamp, ``v1,<HMAC>``."""
+    moment = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    signature = endpoint.webhook.sign(event_id, moment, payload.decode("utf-8"))
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(moment.timestamp())),
+        "webhook-signature": signature,
+        "content-type": JSON_CONTENT_TYPE,
+        "user-agent": USER_AGENT,
+    }
+
+
+def _no_endpoint_reason(event: MerchantEvent) -> str:
+    data = event.data
+    return (
+        f"no merchant endpoint for referenceMerchantId {data.referenceMerchantId!r} or authClientId "
+        f"{data.authClientId!r}, and no [merchants.default] in the merchant registry"
+    )
+
+
+async def handle_merchant_event(
+    event: MerchantEvent,
+    context: MessageContext,
+    *,
+    registry: MerchantRegistry,
+    http: aiohttp.ClientSession,
+) -> None:
+    endpoint = registry.endpoint_for(event.data)
+    if endpoint is None:
+        MERCHANT_DELIVERIES.labels("no_endpoint").inc()
+        raise PermanentError(_no_endpoint_reason(event))
+    fields = {
+        "webhook_id": event.id,
+        "event_type": event.type,
+        "merchant": endpoint.name,
+        "fingerprint": event.data.accessTokenFingerprint,
+        "attempt": context.attempt,
+    }
+    if not endpoint.accepts(event.type):
+        MERCHANT_DELIVERIES.labels("filtered").inc()
+        log.info("merchant_event_filtered", **fields)
+        return
+
+    payload = event.to_json()
+    headers = signed_headers(endpoint, event.id, payload)
+    started = time.perf_counter()
+    # The URL is never logged or put in a reason: merchants put credentials in query strings.
+    try:
+        async with http.post(
+            endpoint.url,
+            data=payload,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT_SECONDS),
+            allow_redirects=False,  # a redirect is not a delivery; Standard Webhooks senders treat 3xx as failure
+        ) as response:
+            status = response.status
+            await response.read()
+    except asyncio.TimeoutError:
+        MERCHANT_DELIVERIES.labels("failed").inc()
+        raise TransientError(
+            f"merchant {endpoint.name!r} did not answer within {DELIVERY_TIMEOUT_SECONDS:g} s"
+        ) from None
+    except aiohttp.ClientError as exc:
+        MERCHANT_DELIVERIES.labels("failed").inc()
+        raise TransientError(f"merchant {endpoint.name!r} unreachable ({type(exc).__name__})") from None
+    finally:
+        MERCHANT_DELIVERY_SECONDS.observe(time.perf_counter() - started)
+
+    if not 200 <= status < 300:
+        MERCHANT_DELIVERIES.labels("failed").inc()
+        raise TransientError(f"merchant {endpoint.name!r} answered HTTP {status}")
+    MERCHANT_DELIVERIES.labels("delivered").inc()
+    log.info("merchant_event_delivered", status=status, **fields)
+
+
+def parse_merchant_event(body: bytes, context: MessageContext) -> MerchantEvent:
+    try:
+        return MerchantEvent.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        location = ".".join(str(part) for part in first.get("loc", ())) or "body"
+        raise PermanentError(f"not a merchant event: {location}: {first.get('msg', 'invalid')}") from None
+
+
+async def worker_spec(resources: Resources) -> WorkerSpec:
+    # Validated before anything is consumed: a bad registry stops the start with one line.
+    registry = merchant_registry_from_settings(resources.settings)
+    http = await resources.http()
+
+    async def handle(event: MerchantEvent, context: MessageContext) -> None:
+        await handle_merchant_event(event, context, registry=registry, http=http)
+
+    return WorkerSpec(consumer=Consumer.MERCHANT_EVENTS, parse=parse_merchant_event, handle=handle)
