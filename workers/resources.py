@@ -1,0 +1,48 @@
+"""What handlers depend on, opened once per worker process and shared by every consumer in it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from shared.config import Settings
+
+if TYPE_CHECKING:
+    from shared.store import Store
+
+# Long enough for a merchant delivery (15 s) and applyToken (5 s); each caller sets its own tighter timeout.
+HTTP_TIMEOUT_SECONDS = 30.0
+
+
+class Resources:
+    """The store and the HTTP client session, each created on first use and closed by :meth:`aclose`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: Store | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._store_lock = asyncio.Lock()
+
+    async def store(self) -> Store:
+        """The store, opened once with migrations applied (several workers may ask at once)."""
+        async with self._store_lock:
+            if self._store is None:
+                from shared.store import Store  # imported lazily: not every worker needs a database
+
+                self._store = await Store.connect(self.settings.database_url, self.settings.require_token_keys())
+            return self._store
+
+    async def http(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS))
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None and not self._http.closed:
+            await self._http.close()
+        self._http = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
