@@ -173,4 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m authnotify.cli`: run the imported module's main, so the CommandError that subcommand
+    # modules raise (authnotify.cli.CommandError) is the class caught here, not a __main__ copy.
+    from authnotify.cli import main as _package_main
+
+    sys.exit(_package_main())
