@@ -163,3 +163,44 @@ async def amqp_connection(rabbitmq_url: str, request: pytest.FixtureRequest) -> 
     )
     yield connection
     await connection.close()
+
+
+# --- store fixtures (appended by the store engineer) ------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
+    """An empty database of each kind: a temp SQLite file, or a fresh PostgreSQL database on the server
+    of ``postgres_url`` (created for this test, dropped after it)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/store.db"
+        return
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(request.getfixturevalue("postgres_url"))
+    name = f"authnotify_test_{uuid.uuid4().hex[:12]}"
+    admin_dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+def token_keys() -> Any:
+    """A fresh single-key AUTHNOTIFY_TOKEN_KEYS value, as Settings would hold it."""
+    from cryptography.fernet import Fernet
+
+    from shared.config import TokenKeys
+
+    return TokenKeys([Fernet.generate_key().decode()])
