@@ -153,3 +153,109 @@ def metric(name: str, **labels: str) -> float:
 
 def events_of(messages: list[AbstractIncomingMessage]) -> list[MerchantEvent]:
     return [MerchantEvent.model_validate_json(m.body) for m in messages]
+
+
+# --- databases and notifications -------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def fresh_database(kind: str, postgres_url: str, directory: Any) -> AsyncIterator[str]:
+    """A database URL of its own: a SQLite file in ``directory``, or a new PostgreSQL database dropped after."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{directory}/store-{uuid.uuid4().hex[:8]}.db"
+        return
+    import asyncpg  # type: ignore[import-untyped]
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin_dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def token_keys() -> str:
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode()
+
+
+def aps_token_created(access_token: str, **fields: Any) -> dict[str, Any]:
+    """Seed 003's TOKEN_CREATED sample, with the given tokens and overrides (None removes a field)."""
+    body: dict[str, Any] = {
+        "authorizationNotifyType": "TOKEN_CREATED",
+        "authClientId": "218823863726123456789",
+        "referenceMerchantId": "218823863726123456780",
+        "referenceAgreementId": f"agr-{access_token[-12:]}",
+        "accessToken": access_token,
+        "accessTokenExpiryTime": "2022-06-06T12:12:12+08:00",
+        "refreshToken": f"refresh-{access_token}",
+        "refreshTokenExpiryTime": "2022-06-08T12:12:12+08:00",
+        "scopes": ["AGREEMENT_PAY", "USER_LOGIN_ID"],
+        "customerId": "278980891234567891234567891",
+        "userLoginId": "62-34312736",
+        "acquirerId": "1021234567891230001",
+        "pspId": "1021234567891230002",
+        "walletForAccountBinding": {
+            "walletName": "AlipayCN",
+            "walletBrandName": "AlipayCN",
+            "walletLogo": {"logoName": "AlipayCN", "logoUrl": "https://www.alipayplus.com/logo/2002.png"},
+        },
+    }
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def aps_token_canceled(access_token: str, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "authorizationNotifyType": "TOKEN_CANCELED",
+        "authClientId": "218823863726123456789",
+        "referenceMerchantId": "218823863726123456780",
+        "accessToken": access_token,
+        "tokenCancelSource": "PSP",
+        "reason": "user unbound the wallet",
+        "acquirerId": "1021234567891230001",
+        "pspId": "1021234567891230002",
+    }
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+AMS_RESULT = {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"}
+
+
+def ams_token_created(access_token: str, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "authorizationNotifyType": "TOKEN_CREATED",
+        "authClientId": "2188120000001234",
+        "accessToken": access_token,
+        "authState": "663A8FA9-D836-48EE-8AA1-1FF682989DC7",
+        "userLoginId": "alice***@example.com",
+        "userId": "2088102000000001",
+        "result": AMS_RESULT,
+    }
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def ams_token_canceled(access_token: str, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "authorizationNotifyType": "TOKEN_CANCELED",
+        "authClientId": "2188120000001234",
+        "accessToken": access_token,
+        "reason": "user canceled in the wallet",
+        "result": AMS_RESULT,
+    }
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}

@@ -1,0 +1,85 @@
+"""The ``token-canceled`` worker: marks an authorization canceled and tells the merchant.
+
+Contract sections 1 and 5. The event carries everything known from the earlier TOKEN_CREATED
+(referenceAgreementId, customer, scopes...), filled in by the store. A cancellation that arrives before its
+TOKEN_CREATED leaves a canceled tombstone, so the late TOKEN_CREATED never activates it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shared.events import MerchantEvent
+from shared.logging import get_logger
+from shared.store import Cancellation, Store
+from shared.topology import Consumer
+from workers.notifications import (
+    AmsTokenCanceled,
+    ApsTokenCanceled,
+    InvalidNotification,
+    TokenCanceled,
+    parse_notification,
+)
+from workers.runtime import MessageContext, PermanentError, WorkerSpec
+
+if TYPE_CHECKING:
+    from workers.resources import Resources
+
+log = get_logger("authnotify.token_canceled")
+
+NOTIFY_TYPE = "TOKEN_CANCELED"
+
+
+def cancellation(notification: TokenCanceled) -> Cancellation:
+    if isinstance(notification, ApsTokenCanceled):
+        return Cancellation(
+            provider="aps",
+            access_token=notification.accessToken,
+            auth_client_id=notification.authClientId,
+            reference_merchant_id=notification.referenceMerchantId,
+            token_cancel_source=notification.tokenCancelSource,
+            reason=notification.reason,
+            user_login_id=notification.userLoginId,
+        )
+    assert isinstance(notification, AmsTokenCanceled)
+    return Cancellation(
+        provider="ams",
+        access_token=notification.accessToken,
+        auth_client_id=notification.authClientId,
+        reason=notification.reason,
+        user_login_id=notification.userLoginId,
+    )
+
+
+async def handle_token_canceled(
+    notification: TokenCanceled, context: MessageContext, *, store: Store
+) -> list[MerchantEvent]:
+    recorded = await store.record_cancellation(
+        cancellation(notification), possibly_seen_before=context.possibly_seen_before
+    )
+    authorization = recorded.authorization
+    log.info(
+        "token_canceled_recorded",
+        message_id=context.message_id,
+        provider=authorization.provider,
+        fingerprint=authorization.accessTokenFingerprint,
+        events=[event.type for event in recorded.events],
+    )
+    return recorded.events
+
+
+def parse_token_canceled(body: bytes, context: MessageContext) -> TokenCanceled:
+    try:
+        parsed: TokenCanceled = parse_notification(body, context.provider or "", NOTIFY_TYPE)
+    except InvalidNotification as exc:
+        raise PermanentError(str(exc)) from None
+    return parsed
+
+
+async def worker_spec(resources: Resources) -> WorkerSpec:
+    store = await resources.store()
+
+    async def handle(notification: TokenCanceled, context: MessageContext) -> list[MerchantEvent]:
+        return await handle_token_canceled(notification, context, store=store)
+
+    return WorkerSpec(consumer=Consumer.TOKEN_CANCELED, parse=parse_token_canceled, handle=handle)
