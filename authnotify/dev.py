@@ -1,0 +1,321 @@
+"""``authnotify dev``: the whole pipeline in one process, offline, on local defaults (contract section 9).
+
+It reads the normal configuration (environment and ``.env``) and fills in what is not set: development
+keys and client ids (``.authnotify/``, created on the first run), a simulated Alipay gateway answering
+``applyToken`` and a merchant endpoint that prints every event, both served on localhost, the SQLite file,
+console logs. Then it runs the ingress and all four workers until Ctrl-C or SIGTERM, and stops them in the
+order that loses nothing: the ingress first (it answers what is in flight), then the workers (they finish
+what they hold, merchant deliveries included), then the simulated outside world.
+
+Dev-only settings (environment or ``.env``): ``AUTHNOTIFY_DEV_GATEWAY_PORT`` (default 8081) and
+``AUTHNOTIFY_DEV_MERCHANT_PORT`` (default 8082) for the simulated gateway and merchant endpoint (0: any free
+port), ``AUTHNOTIFY_DEV_DIR`` (default ``.authnotify``) for the keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from authnotify.cli import CONSUMER_NAMES, EXIT_USAGE, CommandError
+from authnotify.devkeys import (
+    ALIPAY_PRIVATE_KEY,
+    ALIPAY_PUBLIC_KEY,
+    DEFAULT_DEV_DIR,
+    DEV_AMS_CLIENT_ID,
+    DEV_APS_CLIENT_ID,
+    DEV_CUSTOMER_BELONGS_TO,
+    MERCHANTS_FILE,
+    OUR_PRIVATE_KEY,
+    OUR_PUBLIC_KEY,
+    DevKeys,
+    ensure_dev_keys,
+    write_dev_description,
+    write_merchants_file,
+)
+from shared.config import ENV_PREFIX, PROVIDERS, Settings, load_settings
+from shared.keys import ANY_KEY_VERSION, PublicKeyRing
+
+LOCALHOST = "127.0.0.1"
+MERCHANT_PATH = "/webhooks/alipay-authorization"
+MERCHANT_EVENTS_PATH = "/_dev/events"  # what simulate watches; outside the webhook path on purpose
+BROKER_CHECK_TIMEOUT_SECONDS = 5.0
+READY_TIMEOUT_SECONDS = 30.0
+READY_LINE = "authnotify dev is ready"
+DEV_PROVIDER_CLIENT_IDS = {"ams": DEV_AMS_CLIENT_ID, "aps": DEV_APS_CLIENT_ID}
+
+
+class DevSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}DEV_", env_file=".env", extra="ignore")
+
+    gateway_port: int = Field(default=8081, ge=0, le=65535)
+    merchant_port: int = Field(default=8082, ge=0, le=65535)
+    dir: Path = DEFAULT_DEV_DIR
+
+
+def _dev_settings() -> DevSettings:
+    from pydantic import ValidationError
+
+    try:
+        return DevSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = f"{ENV_PREFIX}DEV_{str(first['loc'][0]).upper()}" if first.get("loc") else "AUTHNOTIFY_DEV_*"
+        raise CommandError(f"authnotify: configuration: {name}: {first.get('msg')}", EXIT_USAGE) from None
+
+
+def _safe_url(url: str) -> str:
+    from yarl import URL
+
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+async def check_broker(settings: Settings) -> None:
+    """One plain connection attempt, so a missing broker is one clear line instead of endless retries."""
+    import aio_pika
+
+    try:
+        connection = await aio_pika.connect(settings.rabbitmq_url, timeout=BROKER_CHECK_TIMEOUT_SECONDS)
+    except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+        raise CommandError(
+            f"authnotify dev: no RabbitMQ at {_safe_url(settings.rabbitmq_url)} ({reason}): start one with "
+            "`bash scripts/ensure-rabbitmq.sh` (or `make dev`, which runs it), or point "
+            "AUTHNOTIFY_RABBITMQ_URL at one"
+        ) from None
+    await connection.close()
+
+
+def dev_configuration(base: Settings, keys: DevKeys, gateway_url: str, merchants_file: Path) -> tuple[
+        Settings, dict[str, str], list[str]]:
+    """The settings dev runs with: ``base`` plus local defaults for everything not configured.
+
+    Also returns the AUTHNOTIFY_* lines for ``dev.env`` (only what dev filled in) and the providers that
+    run on the development keys.
+    """
+    explicit = base.model_fields_set
+    overrides: dict[str, Any] = {}
+    environment: dict[str, str] = {}
+    dev_providers: list[str] = []
+
+    def fill(name: str, value: Any, env_value: str | None = None) -> None:
+        if name not in explicit:
+            overrides[name] = value
+            environment[f"{ENV_PREFIX}{name.upper()}"] = env_value if env_value is not None else str(value)
+
+    fill("http_host", LOCALHOST)
+    fill("log_format", "console")
+    alipay_ring = PublicKeyRing({ANY_KEY_VERSION: keys.alipay_public_key})
+    for provider in PROVIDERS:
+        if f"{provider}_client_id" in explicit:
+            continue  # the developer's own provider configuration is left as it is
+        dev_providers.append(provider)
+        fill(f"{provider}_client_id", DEV_PROVIDER_CLIENT_IDS[provider])
+        fill(f"{provider}_private_key", keys.our_private_key, f"@{keys.path(OUR_PRIVATE_KEY)}")
+        fill(f"{provider}_alipay_public_key", alipay_ring, f"@{keys.path(ALIPAY_PUBLIC_KEY)}")
+        fill(f"{provider}_gateway_url", gateway_url)
+        if provider == "ams":
+            fill("ams_customer_belongs_to", DEV_CUSTOMER_BELONGS_TO)
+    if base.token_keys is None:
+        fill("token_keys", keys.token_key)
+    if base.merchants_file is None:
+        fill("merchants_file", str(merchants_file))
+    environment[f"{ENV_PREFIX}SIMULATE_ALIPAY_PRIVATE_KEY"] = f"@{keys.path(ALIPAY_PRIVATE_KEY)}"
+    environment[f"{ENV_PREFIX}SIMULATE_PUBLIC_KEY"] = f"@{keys.path(OUR_PUBLIC_KEY)}"
+    values = {name: getattr(base, name) for name in explicit}
+    values.update(overrides)
+    return load_settings(**values), environment, dev_providers
+
+
+async def _serve(app: web.Application, host: str, port: int, what: str, variable: str | None) -> tuple[
+        web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        hint = f": set {variable} to a free port" if variable else ""
+        raise CommandError(f"authnotify dev: cannot listen on {host}:{port} for the {what} "
+                           f"({exc.strerror or exc}){hint}") from None
+    return runner, runner.addresses[0][1]
+
+
+def _simulate_command() -> str:
+    """How the developer calls us: ``.venv/bin/authnotify`` after ``make dev``, else the module."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if program is not None and program.name == "authnotify":
+        with contextlib.suppress(ValueError):
+            relative = program.resolve().relative_to(Path.cwd())
+            return f"{relative} simulate lifecycle" if relative.parent != Path(".") else "authnotify simulate lifecycle"
+        return "authnotify simulate lifecycle"
+    return f"{Path(sys.executable).name} -m authnotify.cli simulate lifecycle"
+
+
+def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url: str, merchant_url: str,
+               dev_providers: list[str]) -> str:
+    from authnotify.simulate import NOTIFY_PATHS
+
+    lines = [
+        f"authnotify dev: ingress and {len(CONSUMER_NAMES)} workers in one process "
+        f"(namespace {settings.namespace}, {settings.queue_type} queues, {settings.database_url})",
+        f"  development keys   {keys.directory} "
+        + (f"(created: {', '.join(keys.created)})" if keys.created else "(reused)"),
+    ]
+    for provider in PROVIDERS:
+        config = settings.provider(provider)
+        label = "AMS notifications " if provider == "ams" else "APS notifications "
+        if config is None:
+            lines.append(f"  {label} off (no client id)")
+            continue
+        origin = "dev keys" if provider in dev_providers else "your configuration"
+        lines.append(f"  {label} POST {ingress_url}{NOTIFY_PATHS[provider]}  Client-Id {config.client_id} "
+                     f"({origin}; applyToken at {config.gateway_url})")
+    lines += [
+        f"  Alipay gateway     {gateway_url}  (simulated applyToken, signed answers)",
+        f"  merchant endpoint  {merchant_url}  (prints each event it receives, below)",
+        f"  metrics            {ingress_url}/metrics   health {ingress_url}/healthz, {ingress_url}/readyz",
+        f"  database           {settings.database_url}   (authnotify authorizations list, in this directory)",
+        "Send a first notification, from another terminal in this directory:",
+        f"  {_simulate_command()}",
+        "Stop with Ctrl-C.",
+    ]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> int:
+    from authnotify.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
+    from authnotify.sandbox.merchant_endpoint import MerchantEndpoint
+    from ingress.app import DRAIN_TIMEOUT_SECONDS, LISTEN_BACKLOG, create_app
+    from shared.logging import configure_logging, get_logger
+    from workers.main import build_specs
+    from workers.resources import Resources
+    from workers.runtime import WorkerRuntime
+
+    dev = _dev_settings()
+    base = load_settings()
+    keys = ensure_dev_keys(dev.dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    cleanups: list[Any] = []  # run in reverse order on the way out
+    try:
+        # The simulated outside world first: its URLs go into the configuration.
+        provisional, _, _ = dev_configuration(base, keys, f"http://{LOCALHOST}", keys.path(MERCHANTS_FILE))
+        if not provisional.providers():
+            raise CommandError("authnotify dev: no provider configured", EXIT_USAGE)
+        configure_logging(provisional.log_format, level=logging.INFO)
+        log = get_logger("authnotify.dev")
+        await check_broker(provisional)
+
+        merchant = MerchantEndpoint(secret=keys.merchant_secret, echo=True)
+        merchant_app = merchant.app()
+
+        async def merchant_events(_request: web.Request) -> web.Response:
+            # What simulate waits on before cancelling: ids and fingerprints only, never a token.
+            return web.json_response([
+                {"id": r.webhook_id, "type": r.event.get("type"),
+                 "provider": (r.event.get("data") or {}).get("provider"),
+                 "accessTokenFingerprint": (r.event.get("data") or {}).get("accessTokenFingerprint"),
+                 "status": (r.event.get("data") or {}).get("status")}
+                for r in merchant.delivered
+            ])
+
+        merchant_app.router.add_get(MERCHANT_EVENTS_PATH, merchant_events)
+        merchant_runner, merchant_port = await _serve(merchant_app, LOCALHOST, dev.merchant_port,
+                                                      "merchant endpoint", f"{ENV_PREFIX}DEV_MERCHANT_PORT")
+        cleanups.append(merchant_runner.cleanup)
+        merchant_base = f"http://{LOCALHOST}:{merchant_port}"
+        merchant_url = merchant_base + MERCHANT_PATH
+        merchants_file = write_merchants_file(keys, merchant_url)
+
+        gateway = AlipayGateway(
+            alipay_private_key=keys.alipay_private_key,
+            # The gateway checks our applyToken signatures with the key the providers sign with.
+            client_public_key=next(iter(provisional.providers().values())).private_key.public_key(),
+            ams_client_id=provisional.ams_client_id,
+            aps_client_id=provisional.aps_client_id,
+            token_secret=keys.gateway_secret,
+        )
+        try:
+            running_gateway = await start_alipay_gateway(gateway, host=LOCALHOST, port=dev.gateway_port)
+        except OSError as exc:
+            raise CommandError(f"authnotify dev: cannot listen on {LOCALHOST}:{dev.gateway_port} for the "
+                               f"simulated Alipay gateway ({exc.strerror or exc}): set "
+                               f"{ENV_PREFIX}DEV_GATEWAY_PORT to a free port") from None
+        cleanups.append(running_gateway.aclose)
+        gateway_url = running_gateway.url
+        settings, environment, dev_providers = dev_configuration(base, keys, gateway_url, merchants_file)
+
+        # The workers, then the ingress: the ingress answers S only once a queue holds the message.
+        resources = Resources(settings)
+        cleanups.append(resources.aclose)
+        specs = await build_specs(resources, list(CONSUMER_NAMES))
+        worker_port = settings.worker_http_port if "worker_http_port" in base.model_fields_set else 0
+        runtime = WorkerRuntime(settings, specs, http_port=worker_port)
+        await runtime.start()
+        cleanups.append(runtime.stop)
+
+        ingress_app = create_app(settings)
+        ingress_runner = web.AppRunner(ingress_app, access_log=None, handle_signals=False,
+                                       shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
+        await ingress_runner.setup()
+        cleanups.append(ingress_runner.cleanup)
+        try:
+            await web.TCPSite(ingress_runner, settings.http_host, settings.http_port,
+                              backlog=LISTEN_BACKLOG).start()
+        except OSError as exc:
+            raise CommandError(f"authnotify dev: cannot listen on {settings.http_host}:{settings.http_port} "
+                               f"for the ingress ({exc.strerror or exc}): set AUTHNOTIFY_HTTP_PORT") from None
+        host = LOCALHOST if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host
+        ingress_url = f"http://{host}:{settings.http_port}"
+
+        write_dev_description(keys, {
+            "ingress_url": ingress_url,
+            "gateway_url": gateway_url,
+            "merchant_url": merchant_url,
+            "merchant_events_url": merchant_base + MERCHANT_EVENTS_PATH,
+            "metrics_url": f"{ingress_url}/metrics",
+            "namespace": settings.namespace,
+            "database_url": settings.database_url,
+            "client_ids": {name: config.client_id for name, config in settings.providers().items()},
+            "dev_key_providers": dev_providers,
+            "pid": os.getpid(),
+        }, environment)
+
+        waiting = asyncio.ensure_future(runtime.wait_ready(READY_TIMEOUT_SECONDS))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            return 0  # stopped before the consumers were up
+        stopped.cancel()
+        if waiting.exception() is not None:
+            raise CommandError(f"authnotify dev: the workers did not start within {READY_TIMEOUT_SECONDS:.0f}s "
+                               "(is the broker healthy? see the log above)")
+        print(run_banner(settings, keys, ingress_url, gateway_url, merchant_url, dev_providers), flush=True)
+        print(READY_LINE, flush=True)
+        log.info("dev_ready", ingress=ingress_url, gateway=gateway_url, merchant=merchant_url)
+        await stop.wait()
+        log.info("dev_stopping")
+        return 0
+    finally:
+        for cleanup in reversed(cleanups):
+            with contextlib.suppress(Exception):
+                await cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
