@@ -26,10 +26,10 @@ from shared.alipay import (
     AlipayUnavailable,
 )
 from shared.config import ConfigError, Settings
-from conftest import AMS_CLIENT_ID, APS_CLIENT_ID
+from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
 
 if TYPE_CHECKING:
-    from conftest import TestKeys
+    from tests.conftest import TestKeys
 
 AUTH_CODE = "281010133AB2F588D14B43231234ABCD"
 

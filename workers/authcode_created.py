@@ -1,0 +1,207 @@
+"""The ``authcode-created`` worker: exchanges an AUTHCODE_CREATED notification's auth code for tokens.
+
+Contract sections 1 and 5. An auth code is exchanged once: the store keeps an exchange record keyed by a
+hash of (provider, code), written in the same transaction as the authorization. A notification whose code
+was already exchanged (Alipay's redelivery, a retry, a replay) never reaches Alipay again; it re-emits
+``authorization.activated`` only under the store's event rules (when this very message may have been
+handled before, so an event lost between commit and publish is repaired).
+
+applyToken outcomes: S stores the tokens and emits what the store decides; F dead-letters with the result
+code; U, HTTP 5xx, timeouts, connection errors and answers that do not verify are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from shared.alipay import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient, AlipayUnavailable, ApplyTokenResult
+from shared.config import ENV_PREFIX, Settings
+from shared.events import AuthorizationData, MerchantEvent
+from shared.logging import get_logger
+from shared.store import Store, TokenGrant
+from shared.topology import Consumer
+from workers.notifications import (
+    AmsAuthCodeCreated,
+    ApsAuthCodeCreated,
+    AuthCodeCreated,
+    InvalidNotification,
+    parse_notification,
+)
+from workers.runtime import MessageContext, PermanentError, TransientError, WorkerSpec
+
+if TYPE_CHECKING:
+    from workers.resources import Resources
+
+log = get_logger("authnotify.authcode_created")
+
+NOTIFY_TYPE = "AUTHCODE_CREATED"
+
+
+class _CodeLocks:
+    """One lock per auth code in this process, so copies handled at once call applyToken once.
+
+    Keyed by a hash, so no raw code sits in memory longer than its message; entries go when unused.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, provider: str, auth_code: str) -> AsyncIterator[None]:
+        key = hashlib.sha256(f"{provider}\x00{auth_code}".encode()).hexdigest()
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+_code_locks = _CodeLocks()
+
+
+def alipay_clients(settings: Settings, session: aiohttp.ClientSession, *,
+                   timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> dict[str, AlipayClient]:
+    """A client per configured provider; ConfigError (one line) when AMS lacks customerBelongsTo."""
+    return {name: AlipayClient(config, session, timeout=timeout)
+            for name, config in settings.providers().items()}
+
+
+def token_grant(notification: AuthCodeCreated, result: ApplyTokenResult) -> TokenGrant:
+    """The applyToken answer, completed by what the notification knows about the authorization."""
+    assert result.access_token is not None
+    if isinstance(notification, ApsAuthCodeCreated):
+        return TokenGrant(
+            provider="aps",
+            access_token=result.access_token,
+            refresh_token=result.refresh_token,
+            access_token_expiry_time=result.access_token_expiry_time,
+            refresh_token_expiry_time=result.refresh_token_expiry_time,
+            auth_client_id=notification.authClientId,
+            reference_merchant_id=notification.referenceMerchantId,
+            reference_agreement_id=notification.referenceAgreementId,
+            customer_id=result.customer_id or notification.customerId,
+            user_login_id=result.user_login_id or notification.userLoginId,
+            auth_state=notification.authState,
+        )
+    assert isinstance(notification, AmsAuthCodeCreated)
+    return TokenGrant(
+        provider="ams",
+        access_token=result.access_token,
+        refresh_token=result.refresh_token,
+        access_token_expiry_time=result.access_token_expiry_time,
+        refresh_token_expiry_time=result.refresh_token_expiry_time,
+        auth_client_id=notification.authClientId,
+        # AMS names the wallet's user id userId in the notification, pspCustomerId in applyToken.
+        customer_id=result.customer_id or notification.userId,
+        user_login_id=result.user_login_id or notification.userLoginId,
+        auth_state=notification.authState,
+    )
+
+
+async def _already_exchanged(
+    store: Store, notification: AuthCodeCreated, context: MessageContext, existing: AuthorizationData
+) -> list[MerchantEvent]:
+    """The code was exchanged before: no second applyToken, events as the store's rules say."""
+    log.info("authcode_already_exchanged", provider=existing.provider,
+             fingerprint=existing.accessTokenFingerprint, status=existing.status,
+             possibly_seen_before=context.possibly_seen_before)
+    if not context.possibly_seen_before:
+        # A fresh copy (Alipay's redelivery): the message that exchanged the code emitted the event.
+        return []
+    # This message may have committed and died before its event was published: ask the store again
+    # for the same row, so it decides (and re-emits the identical event) by its own rules.
+    tokens = await store.tokens_of(existing.provider, existing.accessTokenFingerprint)
+    if tokens is None:
+        log.warning("authcode_exchange_without_tokens", fingerprint=existing.accessTokenFingerprint)
+        return []
+    # Fields a grant leaves out are kept by the store: the access token alone names the row.
+    grant = TokenGrant(provider=existing.provider, access_token=tokens[0])
+    recorded = await store.record_code_exchange(existing.provider, notification.authCode, grant,
+                                                possibly_seen_before=True)
+    return recorded.events
+
+
+async def handle_authcode_created(
+    notification: AuthCodeCreated,
+    context: MessageContext,
+    *,
+    store: Store,
+    alipay_clients: Mapping[str, AlipayClient],
+) -> list[MerchantEvent]:
+    provider = notification.provider
+    client = alipay_clients.get(provider)
+    if client is None:
+        raise PermanentError(
+            f"{provider} is not configured ({ENV_PREFIX}{provider.upper()}_CLIENT_ID is not set): "
+            "cannot call applyToken"
+        )
+    auth_code = notification.authCode
+    async with _code_locks.hold(provider, auth_code):
+        existing = await store.find_code_exchange(provider, auth_code)
+        if existing is not None:
+            return await _already_exchanged(store, notification, context, existing)
+
+        try:
+            result = await client.apply_token(
+                auth_code=auth_code,
+                auth_client_id=notification.authClientId,
+                reference_merchant_id=getattr(notification, "referenceMerchantId", None),
+            )
+        except AlipayUnavailable as exc:
+            raise TransientError(str(exc)) from None
+
+        if result.result_status == "U":
+            raise TransientError(f"applyToken answered U {result.result_code}")
+        if result.result_status == "F":
+            # Another worker process may have exchanged this code meanwhile (a single-use code then
+            # answers F): that is a duplicate, not a failure.
+            existing = await store.find_code_exchange(provider, auth_code)
+            if existing is not None:
+                return await _already_exchanged(store, notification, context, existing)
+            raise PermanentError(f"applyToken answered F {result.result_code}")
+
+        recorded = await store.record_code_exchange(
+            provider, auth_code, token_grant(notification, result),
+            possibly_seen_before=context.possibly_seen_before,
+        )
+    authorization = recorded.authorization
+    log.info(
+        "authcode_exchanged",
+        provider=provider,
+        fingerprint=authorization.accessTokenFingerprint,
+        status=authorization.status,
+        events=[event.type for event in recorded.events],
+    )
+    return recorded.events
+
+
+def parse_authcode_created(body: bytes, context: MessageContext) -> AuthCodeCreated:
+    try:
+        parsed: AuthCodeCreated = parse_notification(body, context.provider or "", NOTIFY_TYPE)
+    except InvalidNotification as exc:
+        raise PermanentError(str(exc)) from None
+    return parsed
+
+
+async def worker_spec(resources: Resources, *,
+                      apply_token_timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> WorkerSpec:
+    # Clients first: a configuration error stops the start before anything is opened.
+    clients = alipay_clients(resources.settings, await resources.http(), timeout=apply_token_timeout)
+    store = await resources.store()
+
+    async def handle(notification: AuthCodeCreated, context: MessageContext) -> list[MerchantEvent]:
+        return await handle_authcode_created(notification, context, store=store, alipay_clients=clients)
+
+    return WorkerSpec(consumer=Consumer.AUTHCODE_CREATED, parse=parse_authcode_created, handle=handle)
