@@ -158,34 +158,8 @@ def events_of(messages: list[AbstractIncomingMessage]) -> list[MerchantEvent]:
 # --- databases and notifications -------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def fresh_database(kind: str, postgres_url: str, directory: Any) -> AsyncIterator[str]:
-    """A database URL of its own: a SQLite file in ``directory``, or a new PostgreSQL database dropped after."""
-    if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{directory}/store-{uuid.uuid4().hex[:8]}.db"
-        return
-    import asyncpg  # type: ignore[import-untyped]
-    from sqlalchemy.engine import make_url
-
-    url = make_url(postgres_url)
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin_dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-def token_keys() -> str:
+def new_token_key() -> str:
+    """An AUTHNOTIFY_TOKEN_KEYS value (a subprocess needs the text, not TokenKeys)."""
     from cryptography.fernet import Fernet
 
     return Fernet.generate_key().decode()

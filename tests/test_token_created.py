@@ -20,28 +20,21 @@ from tests.events_harness import (
     declare,
     eventually,
     events_of,
-    fresh_database,
     metric,
     publish_notification,
     running_workers,
     take_all,
     take_messages,
-    token_keys,
+    new_token_key,
 )
 
 FAST_RETRIES = "200ms,400ms"
 PROCESSED = "authnotify_messages_processed_total"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, postgres_url: str, tmp_path: Any) -> AsyncIterator[str]:
-    async with fresh_database(request.param, postgres_url, tmp_path) as url:
-        yield url
-
-
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings], database_url: str) -> Settings:
-    return make_settings(database_url=database_url, token_keys=token_keys(), retry_delays=FAST_RETRIES)
+    return make_settings(database_url=database_url, token_keys=new_token_key(), retry_delays=FAST_RETRIES)
 
 
 @pytest.fixture
