@@ -1,0 +1,178 @@
+"""Configuration (contract section 3): every bad value is refused with one line naming its variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from shared.config import ConfigError, Settings, load_settings
+from tests.conftest import AMS_CLIENT_ID
+from tests.conftest import TestKeys as Keys
+
+SECRET_LOOKING = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQ"
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No AUTHNOTIFY_* variables and no .env from the developer's machine."""
+    for name in list(os.environ):
+        if name.startswith("AUTHNOTIFY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+BAD_VALUES: list[tuple[str, str]] = [
+    ("AUTHNOTIFY_RABBITMQ_URL", "http://127.0.0.1:5672/"),
+    ("AUTHNOTIFY_DATABASE_URL", "mysql://root@localhost/authnotify"),
+    ("AUTHNOTIFY_NAMESPACE", "has spaces!"),
+    ("AUTHNOTIFY_NAMESPACE", ""),
+    ("AUTHNOTIFY_QUEUE_TYPE", "stream"),
+    ("AUTHNOTIFY_HTTP_HOST", ""),
+    ("AUTHNOTIFY_HTTP_PORT", "0"),
+    ("AUTHNOTIFY_HTTP_PORT", "70000"),
+    ("AUTHNOTIFY_HTTP_PORT", "eighty"),
+    ("AUTHNOTIFY_WORKER_HTTP_PORT", "-1"),
+    ("AUTHNOTIFY_AMS_PRIVATE_KEY", SECRET_LOOKING),
+    ("AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY", SECRET_LOOKING),
+    ("AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY", '{"1": "not a key"}'),
+    ("AUTHNOTIFY_AMS_GATEWAY_URL", "ftp://open-sea-global.alipay.com"),
+    ("AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO", "W" * 65),
+    ("AUTHNOTIFY_APS_PRIVATE_KEY", "@/nonexistent/key.pem"),
+    ("AUTHNOTIFY_APS_ALIPAY_PUBLIC_KEY", "not base64 %%%"),
+    ("AUTHNOTIFY_APS_GATEWAY_URL", "open-sea-global.alipayplus.com"),
+    ("AUTHNOTIFY_TOKEN_KEYS", "not-a-fernet-key"),
+    ("AUTHNOTIFY_RETRY_DELAYS", "10s,soon"),
+    ("AUTHNOTIFY_RETRY_DELAYS", "0s"),
+    ("AUTHNOTIFY_INGRESS_MAX_INFLIGHT", "0"),
+    ("AUTHNOTIFY_INGRESS_MAX_INFLIGHT", "many"),
+    ("AUTHNOTIFY_LOG_FORMAT", "xml"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_VALUES, ids=[f"{v}={x[:20]}" for v, x in BAD_VALUES])
+def test_a_bad_value_is_refused_naming_its_variable(environment: pytest.MonkeyPatch, variable: str,
+                                                     value: str) -> None:
+    environment.setenv(variable, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert message.startswith(f"{variable}:"), message
+    assert "\n" not in message
+    assert SECRET_LOOKING not in message
+
+
+def test_a_second_fernet_key_that_is_bad_is_named_by_position(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("AUTHNOTIFY_TOKEN_KEYS", f"{Fernet.generate_key().decode()},broken")
+    with pytest.raises(ConfigError, match=r"^AUTHNOTIFY_TOKEN_KEYS: key 2 is not a Fernet key"):
+        load_settings()
+
+
+@pytest.mark.parametrize("missing", ["PRIVATE_KEY", "ALIPAY_PUBLIC_KEY"])
+def test_a_client_id_without_its_keys_names_the_missing_key(environment: pytest.MonkeyPatch, keys: Keys,
+                                                           missing: str) -> None:
+    environment.setenv("AUTHNOTIFY_APS_CLIENT_ID", "2188120123456789")
+    present = {"PRIVATE_KEY": keys.ours.private_pem, "ALIPAY_PUBLIC_KEY": keys.alipay.public_pem}
+    for part, value in present.items():
+        if part != missing:
+            environment.setenv(f"AUTHNOTIFY_APS_{part}", value)
+    with pytest.raises(ConfigError, match=f"^AUTHNOTIFY_APS_{missing} is required when AUTHNOTIFY_APS_CLIENT_ID"):
+        load_settings()
+
+
+def test_defaults_are_the_contract_defaults(environment: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.rabbitmq_url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert settings.database_url == "sqlite+aiosqlite:///authnotify.db"
+    assert (settings.namespace, settings.queue_type) == ("authnotify", "quorum")
+    assert (settings.http_host, settings.http_port, settings.worker_http_port) == ("0.0.0.0", 8080, 9090)
+    assert settings.retry_delays == (10.0, 60.0, 300.0, 1800.0, 7200.0)
+    assert settings.ingress_max_inflight == 1024
+    assert settings.log_format == "json"
+    assert settings.providers() == {}  # both endpoints off until a client id is set
+
+
+def test_dot_env_is_read_and_the_environment_wins(environment: pytest.MonkeyPatch, tmp_path: Path,
+                                                 keys: Keys) -> None:
+    key_file = tmp_path / "alipay.pem"
+    key_file.write_text(keys.alipay.public_pem)
+    private_b64 = "".join(keys.ours.private_pem.splitlines()[1:-1])  # bare base64 PKCS#8, as portals give it
+    (tmp_path / ".env").write_text(
+        "AUTHNOTIFY_NAMESPACE=from-dotenv\n"
+        "AUTHNOTIFY_RETRY_DELAYS=200ms,1m\n"
+        "AUTHNOTIFY_QUEUE_TYPE=classic\n"
+        f"AUTHNOTIFY_AMS_CLIENT_ID={AMS_CLIENT_ID}\n"
+        f"AUTHNOTIFY_AMS_PRIVATE_KEY={private_b64}\n"
+        f"AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY=@{key_file}\n"
+    )
+    environment.setenv("AUTHNOTIFY_QUEUE_TYPE", "quorum")
+    settings = load_settings()
+    assert settings.namespace == "from-dotenv"
+    assert settings.retry_delays == (0.2, 60.0)
+    assert settings.queue_type == "quorum"
+    ams = settings.provider("ams")
+    assert ams is not None and ams.client_id == AMS_CLIENT_ID
+    assert ams.alipay_public_keys.for_version("1") is not None
+    assert settings.provider("aps") is None
+
+
+def test_secrets_do_not_show_in_the_settings_repr(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(token_keys=Fernet.generate_key().decode())
+    text = repr(settings) + repr(settings.provider("ams"))
+    assert "PRIVATE KEY" not in text and "BEGIN" not in text
+    assert settings.token_keys is not None and "redacted" in repr(settings.token_keys)
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "authnotify.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _clean_env() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("AUTHNOTIFY_QUEUE_TYPE", "stream"),
+    ("AUTHNOTIFY_AMS_PRIVATE_KEY", SECRET_LOOKING),
+    ("AUTHNOTIFY_RETRY_DELAYS", "soon"),
+])
+def test_the_cli_prints_one_line_naming_the_variable_and_fails(tmp_path: Path, variable: str, value: str) -> None:
+    result = _cli(["topology"], {**_clean_env(), variable: value}, tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert SECRET_LOOKING not in result.stderr
+    assert result.stdout == ""
+
+
+def test_the_cli_reads_a_bad_value_from_dot_env_too(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("AUTHNOTIFY_HTTP_PORT=99999\n")
+    result = _cli(["topology"], _clean_env(), tmp_path)
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1 and "AUTHNOTIFY_HTTP_PORT" in result.stderr
+
+
+def test_the_cli_declares_the_topology_with_good_settings(make_settings: Callable[..., Settings],
+                                                          rabbitmq_url: str, tmp_path: Path) -> None:
+    settings = make_settings()  # registers the namespace for deletion after the test
+    env = {**_clean_env(), "AUTHNOTIFY_RABBITMQ_URL": rabbitmq_url, "AUTHNOTIFY_NAMESPACE": settings.namespace,
+           "AUTHNOTIFY_RETRY_DELAYS": "1s,2s"}
+    result = _cli(["topology"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"in namespace {settings.namespace}" in result.stdout
+
+
+def test_the_cli_names_an_unreachable_broker_in_one_line(tmp_path: Path) -> None:
+    env = {**_clean_env(), "AUTHNOTIFY_RABBITMQ_URL": "amqp://guest:secretpw@127.0.0.1:1/"}
+    result = _cli(["topology"], env, tmp_path)
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "broker unreachable" in result.stderr and "secretpw" not in result.stderr
