@@ -607,7 +607,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]authnotify simulate {summary['scenario']}[/]: {summary['sent']} notifications to "
                   f"{summary['url']} in {summary['durationSeconds']:.2f}s"
                   + (f" ({summary['ratePerSecond']}/s)" if summary["ratePerSecond"] else ""))
