@@ -1,0 +1,161 @@
+"""No raw access token, refresh token or auth code leaves the pipeline (contract section 5).
+
+A full flow runs through ``authnotify worker`` (all four consumers, a real subprocess, JSON logs captured):
+token notifications of both providers, auth codes exchanged at the sandbox Alipay gateway, a cancellation,
+invalid bodies that are dead-lettered, a merchant that fails once. Then the log output, the SQLite file, the
+dead-lettered messages' reasons and what the merchant received are searched for every raw value.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aio_pika
+import pytest
+
+from authnotify.sandbox.alipay_gateway import AlipayGateway, RunningAlipayGateway, start_alipay_gateway
+from authnotify.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
+from shared import messages as h
+from shared.config import Settings
+from shared.merchants import generate_secret
+from shared.topology import Consumer, build_topology
+from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
+from tests.events_harness import (
+    ams_token_created,
+    aps_token_canceled,
+    aps_token_created,
+    declare,
+    eventually,
+    new_token_key,
+    publish_notification,
+    take_messages,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import TestKeys
+
+AMS_RESULT = {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"}
+
+
+@pytest.fixture
+async def gateway(keys: TestKeys) -> AsyncIterator[RunningAlipayGateway]:
+    running = await start_alipay_gateway(AlipayGateway(
+        alipay_private_key=keys.alipay.private_key,
+        client_public_key=keys.ours.private_key.public_key(),
+        ams_client_id=AMS_CLIENT_ID,
+        aps_client_id=APS_CLIENT_ID,
+    ))
+    yield running
+    await running.aclose()
+
+
+@pytest.fixture
+async def merchant() -> AsyncIterator[RunningMerchantEndpoint]:
+    running = await start_merchant_endpoint(generate_secret())
+    yield running
+    await running.aclose()
+
+
+def distinctive(kind: str) -> str:
+    return f"RAW{kind}{uuid.uuid4().hex.upper()}"
+
+
+async def test_no_raw_token_or_code_in_logs_database_dead_letters_or_merchant_events(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    keys: TestKeys, gateway: RunningAlipayGateway, merchant: RunningMerchantEndpoint, tmp_path: Path,
+) -> None:
+    merchants_file = tmp_path / "merchants.toml"
+    merchants_file.write_text(
+        f'[merchants.default]\nurl = "{merchant.url_for("/hooks")}"\nsecret = "{merchant.endpoint.secret}"\n'
+    )
+    token_key = new_token_key()
+    database = tmp_path / "secrets.db"
+    settings = make_settings(
+        database_url=f"sqlite+aiosqlite:///{database}", token_keys=token_key, retry_delays="200ms,400ms",
+        ams_gateway_url=gateway.url, aps_gateway_url=gateway.url, merchants_file=merchants_file,
+    )
+    topology = build_topology(settings)
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+
+    aps_access, aps_refresh, ams_access = distinctive("APSACCESS"), distinctive("APSREFRESH"), distinctive("AMSACCESS")
+    ams_code, aps_code = distinctive("AMSCODE")[:60], distinctive("APSCODE")[:60]
+    bad_access, long_code = distinctive("BADACCESS"), distinctive("LONGCODE") * 3  # over 64
+    long_token = (distinctive("LONGACCESS") * 4)[:129]
+    secrets = [aps_access, aps_refresh, ams_access, ams_code, aps_code, bad_access, long_code, long_token,
+               *gateway.gateway.tokens_for("ams", ams_code), *gateway.gateway.tokens_for("aps", aps_code)]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
+    env.update({
+        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
+        "AUTHNOTIFY_DATABASE_URL": settings.database_url,
+        "AUTHNOTIFY_NAMESPACE": settings.namespace,
+        "AUTHNOTIFY_QUEUE_TYPE": settings.queue_type,
+        "AUTHNOTIFY_TOKEN_KEYS": token_key,
+        "AUTHNOTIFY_WORKER_HTTP_PORT": "0",
+        "AUTHNOTIFY_RETRY_DELAYS": "200ms,400ms",
+        "AUTHNOTIFY_LOG_FORMAT": "json",
+        "AUTHNOTIFY_MERCHANTS_FILE": str(merchants_file),
+        "AUTHNOTIFY_AMS_CLIENT_ID": AMS_CLIENT_ID,
+        "AUTHNOTIFY_AMS_PRIVATE_KEY": keys.ours.private_pem,
+        "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": keys.alipay.public_pem,
+        "AUTHNOTIFY_AMS_GATEWAY_URL": gateway.url,
+        "AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO": "ALIPAY_CN",
+        "AUTHNOTIFY_APS_CLIENT_ID": APS_CLIENT_ID,
+        "AUTHNOTIFY_APS_PRIVATE_KEY": keys.ours.private_pem,
+        "AUTHNOTIFY_APS_ALIPAY_PUBLIC_KEY": keys.alipay.public_pem,
+        "AUTHNOTIFY_APS_GATEWAY_URL": gateway.url,
+    })
+    log = tmp_path / "workers.log"
+    merchant.endpoint.fail(1, status=503)  # one retry, so a failure reason is logged too
+    with log.open("wb") as log_file:
+        worker = subprocess.Popen([sys.executable, "-m", "authnotify.cli", "worker"], env=env, cwd=tmp_path,
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            await publish_notification(channel, settings, "aps", aps_token_created(aps_access, refreshToken=aps_refresh))
+            await publish_notification(channel, settings, "ams", ams_token_created(ams_access))
+            await publish_notification(channel, settings, "ams", {
+                "authorizationNotifyType": "AUTHCODE_CREATED", "authCode": ams_code,
+                "authState": "state-1", "result": AMS_RESULT})
+            await publish_notification(channel, settings, "aps", {
+                "authorizationNotifyType": "AUTHCODE_CREATED", "authClientId": "218823863726123456789",
+                "referenceMerchantId": "218823863726123456780", "authCode": aps_code,
+                "authState": "state-2", "referenceAgreementId": "agreement-secrets",
+                "acquirerId": "1021234567891230001", "pspId": "1021234567891230002"})
+            # Invalid: dead-lettered with reasons that must not echo the values.
+            await publish_notification(channel, settings, "aps", aps_token_created(bad_access, referenceMerchantId="M" * 40))
+            await publish_notification(channel, settings, "aps", aps_token_created(long_token))
+            await publish_notification(channel, settings, "ams", {
+                "authorizationNotifyType": "AUTHCODE_CREATED", "authCode": long_code, "result": AMS_RESULT})
+
+            await merchant.endpoint.wait_until(lambda e: len(e.delivered) >= 4, timeout=30)
+            await publish_notification(channel, settings, "aps", aps_token_canceled(aps_access))
+            await merchant.endpoint.wait_until(
+                lambda e: any(r.event["type"] == "authorization.canceled" for r in e.delivered), timeout=30)
+            dead = await take_messages(channel, topology.dead_letter_queue(Consumer.TOKEN_CREATED), 2, timeout=30)
+            dead += await take_messages(channel, topology.dead_letter_queue(Consumer.AUTHCODE_CREATED), 1, timeout=30)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            exit_code = worker.wait(30)
+    assert exit_code == 0
+
+    logged = log.read_text()
+    assert "message_processed" in logged and "answered HTTP 503" in logged
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("secrets.db*"))
+    assert len(stored) > 0
+    reasons = " ".join(str(m.headers.get(h.DEAD_REASON)) for m in dead)
+    assert "at most" in reasons
+    delivered = b" ".join(r.body for r in merchant.endpoint.requests)
+    assert len({r.webhook_id for r in merchant.endpoint.delivered}) == 5
+    for secret in secrets:
+        assert secret not in logged, "a raw value in the worker logs"
+        assert secret.encode() not in stored, "a raw value in the database file"
+        assert secret not in reasons, "a raw value in a dead-letter reason"
+        assert secret.encode() not in delivered, "a raw value in a merchant event"
