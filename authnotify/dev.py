@@ -153,15 +153,21 @@ async def _serve(app: web.Application, host: str, port: int, what: str, variable
     return runner, runner.addresses[0][1]
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it: what a person would type."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _simulate_command() -> str:
     """How the developer calls us: ``.venv/bin/authnotify`` after ``make dev``, else the module."""
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     if program is not None and program.name == "authnotify":
-        with contextlib.suppress(ValueError):
-            relative = program.resolve().relative_to(Path.cwd())
-            return f"{relative} simulate lifecycle" if relative.parent != Path(".") else "authnotify simulate lifecycle"
-        return "authnotify simulate lifecycle"
-    return f"{Path(sys.executable).name} -m authnotify.cli simulate lifecycle"
+        located = _relative(program.absolute())
+        return f"{located if '/' in located else 'authnotify'} simulate lifecycle"
+    return f"{_relative(Path(sys.executable).absolute())} -m authnotify.cli simulate lifecycle"
 
 
 def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url: str, merchant_url: str,

@@ -146,7 +146,8 @@ async def test_dev_carries_a_simulated_lifecycle_to_the_merchant_endpoint(dev: D
                 for a in authorizations for event in ("authorization.activated", "authorization.canceled")]
     await dev.wait_for_output(lambda d: all(line in d.output() for line in expected), EVENT_TIMEOUT)
     merchant_lines = [line for line in dev.stdout if line.startswith("merchant endpoint <- ")]
-    assert len(merchant_lines) == 8, merchant_lines
+    webhook_ids = {line.split("webhook-id ")[1].split(",")[0] for line in merchant_lines}
+    assert len(webhook_ids) == 8, merchant_lines  # one event per (authorization, type)
     for fingerprint in (a["accessTokenFingerprint"] for a in authorizations):
         mine = [line for line in merchant_lines if f" {fingerprint} " in line]
         assert "activated" in mine[0] and "canceled" in mine[1]
