@@ -96,7 +96,12 @@ def _generated(kind: str, spec: dict[str, Any], directory: Path) -> dict[str, An
     for entry in spec.get("files", []):
         key, _, source = entry.rpartition("=")
         data[key or Path(source).name] = (directory / source).read_text()
+    unknown = set(spec) - {"name", "namespace", "behavior", "literals", "envs", "files", "type"}
+    if unknown:
+        raise KustomizeError(f"{directory}: generator {spec['name']}: unsupported {sorted(unknown)}")
     obj: dict[str, Any] = {"apiVersion": "v1", "kind": kind, "metadata": {"name": spec["name"]}}
+    if "namespace" in spec:
+        obj["metadata"]["namespace"] = spec["namespace"]
     if kind == "Secret":
         obj["type"] = spec.get("type", "Opaque")
         obj["stringData"] = data
@@ -136,7 +141,9 @@ def render(directory: Path) -> list[dict[str, Any]]:
     for kind, spec in generators:
         generated = _generated(kind, spec, directory)
         behavior = spec.get("behavior", "create")
-        existing = [o for o in objects if _identity(o) == (kind, spec["name"])]
+        # Like kustomize, merge/replace match the namespace too: a generator without one looks in "default".
+        existing = [o for o in objects if _identity(o) == (kind, spec["name"])
+                    and o["metadata"].get("namespace", "default") == spec.get("namespace", "default")]
         if behavior == "create":
             if existing:
                 raise KustomizeError(f"{directory}: {kind} {spec['name']} exists; use behavior merge/replace")
