@@ -1,0 +1,331 @@
+"""Ingress throughput and latency against a bare confirming publisher, on the real broker.
+
+Run: ``make bench-ingress`` (= ``.venv/bin/python -m tests.bench.ingress_bench``), options after ``BENCH_ARGS=``.
+
+1. Starts ``authnotify ingress`` as a subprocess (the way it runs in production: uvloop, JSON logs to a pipe
+   that is discarded) in a namespace of its own, with both providers configured.
+2. Drives it at a fixed concurrency with correctly signed notifications, signed before the clock starts, over
+   keep-alive HTTP/1.1 connections written and parsed by a minimal asyncio protocol (one request in flight
+   per connection). Reports acknowledged (HTTP 200) notifications/s and p50/p99 latency.
+3. In the same run, a bare aio-pika publisher with publisher confirms at the same concurrency publishes
+   persistent messages through the same exchange to the same (quorum by default) queue.
+4. Drives the ingress open-loop at half the rate measured in step 2 and reports p99 latency, measured from
+   each request's scheduled send time so client-side queueing counts too.
+
+Goals: ingress >= 0.7 x bare publisher; p99 < 50 ms at half rate. Everything shares the same cores as the
+broker, so compare the ratio of one run rather than absolute figures across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aio_pika
+import orjson
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from shared.keys import private_key_pem, public_key_pem
+from shared.signature import sign_request_headers
+from shared.topology import Topology, QueueType, declare_topology, delete_topology
+
+AMS_PATH, APS_PATH = "/ams/notifyAuthorization", "/aps/api/v1/authorizations/authNotify"
+AMS_CLIENT_ID, APS_CLIENT_ID = "SANDBOX_BENCH_AMS", "2188120000000000"
+SIGNED_POOL = 2000  # distinct pre-signed notifications, cycled (Alipay redelivers identical ones anyway)
+
+
+@dataclass
+class Measurement:
+    seconds: float = 0.0
+    acknowledged: int = 0
+    other: dict[int, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.acknowledged / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    def summary(self) -> str:
+        others = f", non-200: {self.other}" if self.other else ""
+        return (f"{self.rate:8.0f}/s acknowledged  p50 {self.percentile(0.5):6.2f} ms  "
+                f"p99 {self.percentile(0.99):6.2f} ms  ({self.acknowledged} in {self.seconds:.1f} s{others})")
+
+
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time; just enough parsing to find the status."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is None:
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        at = head.find(b"content-length:")
+        length = int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None]) if at >= 0 else 0
+        if len(self.buffer) < end + 4 + length:
+            return
+        status = int(head[9:12])
+        del self.buffer[:end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        waiter.set_result(status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection closed"))
+
+    async def request(self, data: bytes) -> int:
+        self.waiter = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.transport.write(data)
+        return await self.waiter
+
+
+async def connect(port: int) -> HttpConnection:
+    _, protocol = await asyncio.get_running_loop().create_connection(HttpConnection, "127.0.0.1", port)
+    return protocol
+
+
+def signed_requests(key: rsa.RSAPrivateKey, port: int, count: int) -> list[bytes]:
+    requests = []
+    for index in range(count):
+        path, client_id = (AMS_PATH, AMS_CLIENT_ID) if index % 2 == 0 else (APS_PATH, APS_CLIENT_ID)
+        body = orjson.dumps({
+            "authorizationNotifyType": "TOKEN_CREATED",
+            "accessToken": f"bench-token-{index:06d}-{uuid.uuid4().hex}",
+            "accessTokenExpiryTime": "2027-11-23T10:00:00+08:00",
+            "authState": "bench", "userLoginId": "bench@example.com",
+            "result": {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"},
+        })
+        headers = sign_request_headers(key, method="POST", path=path, client_id=client_id, body=body,
+                                       time=str(int(time.time() * 1000)))
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        requests.append(
+            (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json; charset=UTF-8\r\n"
+             f"{head}Content-Length: {len(body)}\r\n\r\n").encode() + body
+        )
+    return requests
+
+
+async def closed_loop(port: int, requests: Sequence[bytes], concurrency: int, seconds: float) -> Measurement:
+    connections = [await connect(port) for _ in range(concurrency)]
+    result = Measurement()
+    stop_at = time.perf_counter() + seconds
+
+    async def drive(offset: int, connection: HttpConnection) -> None:
+        index = offset
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            status = await connection.request(requests[index % len(requests)])
+            result.latencies.append(time.perf_counter() - started)
+            if status == 200:
+                result.acknowledged += 1
+            else:
+                result.other[status] = result.other.get(status, 0) + 1
+            index += concurrency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(drive(i, c) for i, c in enumerate(connections)))
+    result.seconds = time.perf_counter() - started
+    for connection in connections:
+        assert connection.transport is not None
+        connection.transport.close()
+    return result
+
+
+async def open_loop(port: int, requests: Sequence[bytes], rate: float, seconds: float) -> Measurement:
+    """Sends at a fixed rate whatever the answers do; latency counts from the scheduled send time."""
+    idle: list[HttpConnection] = [await connect(port) for _ in range(32)]
+    result = Measurement()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def send(index: int, scheduled: float) -> None:
+        connection = idle.pop() if idle else await connect(port)
+        status = await connection.request(requests[index % len(requests)])
+        result.latencies.append(time.perf_counter() - scheduled)
+        if status == 200:
+            result.acknowledged += 1
+        else:
+            result.other[status] = result.other.get(status, 0) + 1
+        idle.append(connection)
+
+    total = int(rate * seconds)
+    started = time.perf_counter()
+    for index in range(total):
+        scheduled = started + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(send(index, scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    result.seconds = time.perf_counter() - started
+    for connection in idle:
+        assert connection.transport is not None
+        connection.transport.close()
+    return result
+
+
+async def raw_publisher(url: str, topology: Topology, concurrency: int, seconds: float) -> Measurement:
+    bodies = [orjson.dumps({"authorizationNotifyType": "TOKEN_CREATED", "accessToken": f"raw-{i}",
+                            "pad": "x" * 300}) for i in range(256)]
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(topology.notifications_exchange, ensure=False)
+        result = Measurement()
+        stop_at = time.perf_counter() + seconds
+
+        async def drive(offset: int) -> None:
+            index = offset
+            while time.perf_counter() < stop_at:
+                message = aio_pika.Message(
+                    bodies[index % len(bodies)], message_id=uuid.uuid4().hex, content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                started = time.perf_counter()
+                await exchange.publish(message, "ams.TOKEN_CREATED", mandatory=True)
+                result.latencies.append(time.perf_counter() - started)
+                result.acknowledged += 1
+                index += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(drive(i) for i in range(concurrency)))
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+async def purge(url: str, topology: Topology) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.consumer_queue("token-created"), passive=True)
+        await queue.purge()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_ready(port: int, process: asyncio.subprocess.Process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise SystemExit(f"the ingress exited with {process.returncode} before it was ready")
+        try:
+            connection = await connect(port)
+            status = await connection.request(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert connection.transport is not None
+            connection.transport.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit("the ingress did not become ready")
+
+
+async def main(args: argparse.Namespace) -> int:
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    topology = Topology(namespace=namespace, queue_type=QueueType(args.queue_type), retry_delays=(1.0,))
+    alipay_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    our_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
+    env.update({
+        "AUTHNOTIFY_RABBITMQ_URL": args.rabbitmq_url, "AUTHNOTIFY_NAMESPACE": namespace,
+        "AUTHNOTIFY_QUEUE_TYPE": args.queue_type, "AUTHNOTIFY_RETRY_DELAYS": "1s",
+        "AUTHNOTIFY_HTTP_HOST": "127.0.0.1", "AUTHNOTIFY_HTTP_PORT": str(port),
+        "AUTHNOTIFY_AMS_CLIENT_ID": AMS_CLIENT_ID, "AUTHNOTIFY_APS_CLIENT_ID": APS_CLIENT_ID,
+        "AUTHNOTIFY_AMS_PRIVATE_KEY": private_key_pem(our_key), "AUTHNOTIFY_APS_PRIVATE_KEY": private_key_pem(our_key),
+        "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
+        "AUTHNOTIFY_APS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
+    })
+    print(f"authnotify ingress benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC  cpus={os.cpu_count()}  "
+          f"queue={args.queue_type}  concurrency={args.concurrency}  duration={args.duration:g}s")
+    print(f"signing {SIGNED_POOL} notifications before the clock starts ...", flush=True)
+    requests = signed_requests(alipay_key, port, SIGNED_POOL)
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authnotify.cli", "ingress", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_ready(port, process)
+        await closed_loop(port, requests, args.concurrency, args.warmup)  # warm caches, JIT-free but still
+        await purge(args.rabbitmq_url, topology)
+
+        ingress = await closed_loop(port, requests, args.concurrency, args.duration)
+        print(f"ingress (subprocess)      {ingress.summary()}", flush=True)
+        await purge(args.rabbitmq_url, topology)
+
+        raw = await raw_publisher(args.rabbitmq_url, topology, args.concurrency, args.duration)
+        print(f"bare aio-pika publisher   {raw.summary()}", flush=True)
+        await purge(args.rabbitmq_url, topology)
+
+        half_rate = ingress.rate / 2
+        paced = await open_loop(port, requests, half_rate, args.duration)
+        print(f"ingress at {half_rate:5.0f}/s      {paced.summary()}", flush=True)
+
+        ratio = ingress.rate / raw.rate if raw.rate else float("nan")
+        p99 = paced.percentile(0.99)
+        print()
+        print(f"ratio ingress / bare publisher = {ratio:.2f}  (goal >= 0.70: {'met' if ratio >= 0.7 else 'NOT met'})")
+        print(f"p99 at half the max rate      = {p99:.1f} ms  (goal < 50 ms: {'met' if p99 < 50 else 'NOT met'})")
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+        connection = await aio_pika.connect(args.rabbitmq_url)
+        async with connection:
+            await declare_topology(await connection.channel(), topology)  # makes the delete below total
+            await delete_topology(await connection.channel(), topology)
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ingress_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
+    parser.add_argument("--rabbitmq-url", default=os.environ.get(
+        "AUTHNOTIFY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    sys.exit(uvloop.run(main(parse_args())))
