@@ -498,3 +498,54 @@ async def test_worker_survives_a_broker_restart(make_settings, rabbitmq_url, run
         await wait_for(lambda: second in handled, timeout=30, what="message after the restart")
     finally:
         await connection.close()
+
+
+# --- the worker command ---------------------------------------------------------------------------
+
+
+async def test_worker_command_serves_health_and_exits_0_on_sigterm(make_settings, tmp_path) -> None:
+    import os
+    import signal
+    import sys
+
+    from cryptography.fernet import Fernet
+
+    settings = make_settings(retry_delays=FAST_RETRIES)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
+    env.update({
+        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
+        "AUTHNOTIFY_NAMESPACE": settings.namespace,
+        "AUTHNOTIFY_RETRY_DELAYS": FAST_RETRIES,
+        "AUTHNOTIFY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/worker.db",
+        "AUTHNOTIFY_TOKEN_KEYS": Fernet.generate_key().decode(),
+        "AUTHNOTIFY_WORKER_HTTP_PORT": str(port),
+        "AUTHNOTIFY_HTTP_HOST": "127.0.0.1",
+    })
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authnotify.cli", "worker", "token-canceled", "token-created",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            deadline = time.monotonic() + 60
+            while not await ready():
+                assert process.returncode is None, (await process.stderr.read()).decode()[-2000:]
+                assert time.monotonic() < deadline, "worker never became ready"
+                await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _stdout, stderr = await asyncio.wait_for(process.communicate(), 40)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert b"Traceback" not in stderr
+    assert b"worker_stopped" in stderr
