@@ -191,7 +191,9 @@ def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url:
                      f"({origin}; applyToken at {config.gateway_url})")
     lines += [
         f"  Alipay gateway     {gateway_url}  (simulated applyToken, signed answers)",
-        f"  merchant endpoint  {merchant_url}  (prints each event it receives, below)",
+        f"  merchant endpoint  {merchant_url}  (prints each event it receives, below)"
+        + ("" if settings.merchants_file == keys.path(MERCHANTS_FILE)
+           else f"\n                     events go where {settings.merchants_file} says (AUTHNOTIFY_MERCHANTS_FILE)"),
         f"  metrics            {ingress_url}/metrics   health {ingress_url}/healthz, {ingress_url}/readyz",
         f"  database           {settings.database_url}   (authnotify authorizations list, in this directory)",
         "Send a first notification, from another terminal in this directory:",
