@@ -40,6 +40,7 @@ KUBERNETES_VERSION = "1.33"
 INGRESS_PORT = 8080
 WORKER_PORT = 9090
 WORKER_TYPES = tuple(CONSUMER_NAMES)
+STORE_WORKERS = ("authcode-created", "token-created", "token-canceled")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 
@@ -566,12 +567,12 @@ def test_settings_secrets_and_key_files_are_wired(overlay: str, request: pytest.
         args = container.get("args", [])
         if args == ["ingress"] or worker_name(container):
             assert env["AUTHNOTIFY_RABBITMQ_URL"].startswith("amqp")
-        if worker_name(container) or args == ["migrate"]:
-            assert env["AUTHNOTIFY_DATABASE_URL"].startswith("postgresql+asyncpg://")
-        if worker_name(container):
-            assert "AUTHNOTIFY_TOKEN_KEYS" in env, where
-        if worker_name(container) == "merchant-events":
-            assert "AUTHNOTIFY_MERCHANTS_FILE" in env
+        stores = args == ["migrate"] or worker_name(container) in STORE_WORKERS
+        if stores:
+            assert env["AUTHNOTIFY_DATABASE_URL"].startswith("postgresql+asyncpg://"), where
+        # Token keys only where tokens are stored; the ingress and the merchant deliverer never hold them.
+        assert ("AUTHNOTIFY_TOKEN_KEYS" in env) == (worker_name(container) in STORE_WORKERS), where
+        assert ("AUTHNOTIFY_MERCHANTS_FILE" in env) == (worker_name(container) == "merchant-events"), where
 
 
 def test_rabbitmq_cluster_of_three_with_quorum_queues(base: list[dict[str, Any]]) -> None:
