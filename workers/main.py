@@ -40,9 +40,18 @@ async def run_workers(settings: Settings, names: list[str]) -> int:
         runtime = WorkerRuntime(settings, specs)
         await runtime.start()
         log.info("worker_started", consumers=[spec.consumer.value for spec in specs])
-        await stop.wait()
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(runtime.wait_failed())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
         log.info("worker_stopping")
         await runtime.stop()
+        if runtime.failure is not None:
+            from authnotify.cli import CommandError
+
+            raise CommandError(f"authnotify: worker could not start consuming ({type(runtime.failure).__name__}: "
+                               f"{str(runtime.failure).splitlines()[0][:200] if str(runtime.failure) else ''})")
     finally:
         await resources.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT):

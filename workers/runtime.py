@@ -220,6 +220,8 @@ class WorkerRuntime:
         self._stopping = False
         self._started = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
+        self._failed = asyncio.Event()
+        self.failure: BaseException | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._http_port = settings.worker_http_port if http_port is None else http_port
         self._http_runner: web.AppRunner | None = None
@@ -245,7 +247,23 @@ class WorkerRuntime:
         return all(state.channel is not None and not state.channel.is_closed and state.consumer_tag
                    for state in self._consumers)
 
+    async def wait_failed(self) -> BaseException:
+        """Returns the error if the consumers could not be started (e.g. a queue with other arguments)."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
+
     async def _start_consumers(self) -> None:
+        try:
+            await self._open_consumers()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("consumer_start_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            self.failure = exc
+            self._failed.set()
+
+    async def _open_consumers(self) -> None:
         await self.broker.wait_connected()
         self._publish_channel = await self.broker.channel(publisher_confirms=True, on_return_raises=True)
         for state in self._consumers:
