@@ -8,7 +8,9 @@ picks the routing key (anything unreadable goes to ``{provider}.unknown``, kept 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 from random import getrandbits
 from typing import Any
 
@@ -211,6 +213,11 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     return app
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+
+
 async def run_ingress(settings: Settings) -> int:
     """Serves until SIGTERM or SIGINT, then stops listening, answers what is in flight and exits 0."""
     from authnotify.cli import EXIT_USAGE, CommandError
@@ -221,17 +228,16 @@ async def run_ingress(settings: Settings) -> int:
             "authnotify: no provider configured: set AUTHNOTIFY_AMS_CLIENT_ID or AUTHNOTIFY_APS_CLIENT_ID",
             EXIT_USAGE,
         )
+    # Bind before anything starts, so a port in use fails with one line and no broker chatter.
+    try:
+        listener = _listen(settings.http_host, settings.http_port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise CommandError(f"authnotify: cannot listen on {settings.http_host}:{settings.http_port} ({reason})") from None
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port, backlog=LISTEN_BACKLOG)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise CommandError(
-            f"authnotify: cannot listen on {settings.http_host}:{settings.http_port} ({exc.strerror or exc})"
-        ) from None
+    await web.SockSite(runner, listener).start()
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

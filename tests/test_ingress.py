@@ -407,3 +407,37 @@ async def test_health_readiness_metrics_and_the_log_line(
     assert accepted["message_id"] == message.message_id
     assert all(n["message_id"] for n in notifications)
     assert "SECRET-CODE-4711" not in json.dumps(lines)
+
+
+def _ingress_cli(env: dict[str, str], cwd: Any) -> subprocess.CompletedProcess[str]:
+    import os
+    import sys
+
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
+    return subprocess.run([sys.executable, "-m", "authnotify.cli", "ingress"], env={**clean, **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_ingress_refuses_to_start_with_no_provider_configured(tmp_path: Any) -> None:
+    result = _ingress_cli({}, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "authnotify: no provider configured: set AUTHNOTIFY_AMS_CLIENT_ID or AUTHNOTIFY_APS_CLIENT_ID"
+    ]
+
+
+def test_the_ingress_names_a_port_it_cannot_listen_on(tmp_path: Any, keys: Keys) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _ingress_cli({
+            "AUTHNOTIFY_HTTP_HOST": "127.0.0.1", "AUTHNOTIFY_HTTP_PORT": str(port),
+            "AUTHNOTIFY_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/",
+            "AUTHNOTIFY_AMS_CLIENT_ID": "C", "AUTHNOTIFY_AMS_PRIVATE_KEY": keys.ours.private_pem,
+            "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": keys.alipay.public_pem,
+        }, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"authnotify: cannot listen on 127.0.0.1:{port} (address already in use)"]
