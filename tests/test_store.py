@@ -306,13 +306,14 @@ async def test_tokens_decrypt_after_key_rotation_and_reencryption(database_url: 
     old = await Store.connect(database_url, TokenKeys([old_key]))
     try:
         await old.record_tokens(_grant(access, refresh_token=refresh), possibly_seen_before=False)
+        await old.record_cancellation(_cancel(_token("at")), possibly_seen_before=False)  # no refresh token
     finally:
         await old.close()
 
     rotated = await Store.connect(database_url, TokenKeys([new_key, old_key]))
     try:
         assert await rotated.tokens_of("aps", fingerprint) == (access, refresh)
-        assert await rotated.reencrypt_tokens(batch_size=1) == 1
+        assert await rotated.reencrypt_tokens(batch_size=1) == 2
     finally:
         await rotated.close()
 

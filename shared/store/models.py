@@ -61,8 +61,9 @@ class Authorization(Base):
 
     __tablename__ = "authorizations"
 
-    provider: Mapped[str] = mapped_column(String(8), primary_key=True)
+    # Fingerprint first: `show KEY` looks authorizations up by fingerprint alone.
     access_token_fingerprint: Mapped[str] = mapped_column(String(16), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(8), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     access_token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     refresh_token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
@@ -74,7 +75,7 @@ class Authorization(Base):
     customer_id: Mapped[str | None] = mapped_column(String)
     user_login_id: Mapped[str | None] = mapped_column(String)
     auth_state: Mapped[str | None] = mapped_column(String)
-    scopes: Mapped[list[str] | None] = mapped_column(JSON)
+    scopes: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     token_cancel_source: Mapped[str | None] = mapped_column(String)
     cancel_reason: Mapped[str | None] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -89,7 +90,6 @@ class Authorization(Base):
         Index(None, "auth_client_id"),
         Index(None, "status", "access_token_expires_at"),
         Index(None, "status", "refresh_token_expires_at"),
-        Index(None, "access_token_fingerprint"),
     )
 
 
@@ -105,8 +105,8 @@ class CodeExchange(Base):
 
     __table_args__ = (
         ForeignKeyConstraint(
-            ["provider", "access_token_fingerprint"],
-            ["authorizations.provider", "authorizations.access_token_fingerprint"],
+            ["access_token_fingerprint", "provider"],
+            ["authorizations.access_token_fingerprint", "authorizations.provider"],
         ),
     )
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from cryptography.fernet import InvalidToken, MultiFernet
-from sqlalchemy import Row, case, or_, select
+from sqlalchemy import Row, bindparam, case, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -118,7 +118,13 @@ def _present(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-_PK = (authorizations.c.provider, authorizations.c.access_token_fingerprint)
+_PK = (authorizations.c.access_token_fingerprint, authorizations.c.provider)
+# What a grant may carry: set on a new row, and filled in (never erased) on a known one.
+_GRANT_FIELDS = (
+    "access_token_encrypted", "refresh_token_encrypted", "access_token_expires_at", "refresh_token_expires_at",
+    "auth_client_id", "reference_merchant_id", "reference_agreement_id", "customer_id", "user_login_id",
+    "auth_state", "scopes",
+)
 _COLUMNS = tuple(authorizations.c)
 
 
@@ -128,6 +134,28 @@ class Store:
         self._token_keys = token_keys
         self._where = safe_url(database_url)
         self._insert: Callable[..., Any] = sqlite.insert if engine.dialect.name == "sqlite" else postgresql.insert
+        # Each statement below is atomic on its own and rows only ever go active -> canceled, so the
+        # token and cancellation paths need no BEGIN/COMMIT round trips around them.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Built once with bind parameters: constructing statements per call costs more than running them.
+        self._insert_tokens = (
+            self._insert(authorizations)
+            .values({column: bindparam(f"p_{column.name}", type_=column.type) for column in _COLUMNS})
+            .on_conflict_do_nothing(index_elements=list(_PK))
+            .returning(*_COLUMNS)
+        )
+        self._update_tokens = (
+            authorizations.update()
+            .where((authorizations.c.provider == bindparam("p_provider"))
+                   & (authorizations.c.access_token_fingerprint == bindparam("p_access_token_fingerprint")))
+            .values({
+                name: (bindparam("p_updated_at", type_=authorizations.c.updated_at.type) if name == "updated_at"
+                       else func.coalesce(bindparam(f"p_{name}", type_=authorizations.c[name].type),
+                                          authorizations.c[name]))
+                for name in (*_GRANT_FIELDS, "updated_at")
+            })
+            .returning(*_COLUMNS)
+        )
 
     @classmethod
     async def connect(cls, database_url: str, token_keys: TokenKeys | None, *, migrate: bool = True) -> Store:
@@ -169,7 +197,7 @@ class Store:
     async def record_tokens(self, grant: TokenGrant, *, possibly_seen_before: bool) -> Recorded:
         fernet = self._fernet()
         with self._errors("cannot record tokens"):
-            async with self._engine.begin() as conn:
+            async with self._autocommit.connect() as conn:
                 row, created = await self._upsert_tokens(conn, grant, fernet)
         return self._recorded_tokens(row, created, possibly_seen_before)
 
@@ -205,7 +233,7 @@ class Store:
         cancel_fields = {"token_cancel_source": cancel.token_cancel_source, "cancel_reason": cancel.reason}
         pk = (authorizations.c.provider == cancel.provider) & (authorizations.c.access_token_fingerprint == fingerprint)
         with self._errors("cannot record cancellation"):
-            async with self._engine.begin() as conn:
+            async with self._autocommit.connect() as conn:
                 # No row yet: a tombstone, so a TOKEN_CREATED that arrives later cannot activate it.
                 tombstone = (
                     self._insert(authorizations)
@@ -245,46 +273,35 @@ class Store:
         self, conn: AsyncConnection, grant: TokenGrant, fernet: MultiFernet, now: datetime | None = None
     ) -> tuple[Row[Any], bool]:
         now = now or _now()
-        fingerprint = access_token_fingerprint(grant.access_token)
-        fields = _present({
-            "access_token_encrypted": fernet.encrypt(grant.access_token.encode()),
-            "refresh_token_encrypted": fernet.encrypt(grant.refresh_token.encode()) if grant.refresh_token else None,
-            "access_token_expires_at": grant.access_token_expiry_time,
-            "refresh_token_expires_at": grant.refresh_token_expiry_time,
-            "auth_client_id": grant.auth_client_id,
-            "reference_merchant_id": grant.reference_merchant_id,
-            "reference_agreement_id": grant.reference_agreement_id,
-            "customer_id": grant.customer_id,
-            "user_login_id": grant.user_login_id,
-            "auth_state": grant.auth_state,
-            "scopes": list(grant.scopes) if grant.scopes is not None else None,
-        })
-        insert = (
-            self._insert(authorizations)
-            .values(
-                provider=grant.provider,
-                access_token_fingerprint=fingerprint,
-                status=STATUS_ACTIVE,
-                created_at=now,
-                updated_at=now,
-                activated_at=now,
-                **fields,
-            )
-            .on_conflict_do_nothing(index_elements=list(_PK))
-            .returning(*_COLUMNS)
-        )
-        row = (await conn.execute(insert)).first()
+        params = {
+            "p_provider": grant.provider,
+            "p_access_token_fingerprint": access_token_fingerprint(grant.access_token),
+            "p_access_token_encrypted": fernet.encrypt(grant.access_token.encode()),
+            "p_refresh_token_encrypted": fernet.encrypt(grant.refresh_token.encode()) if grant.refresh_token else None,
+            "p_access_token_expires_at": grant.access_token_expiry_time,
+            "p_refresh_token_expires_at": grant.refresh_token_expiry_time,
+            "p_auth_client_id": grant.auth_client_id,
+            "p_reference_merchant_id": grant.reference_merchant_id,
+            "p_reference_agreement_id": grant.reference_agreement_id,
+            "p_customer_id": grant.customer_id,
+            "p_user_login_id": grant.user_login_id,
+            "p_auth_state": grant.auth_state,
+            "p_scopes": list(grant.scopes) if grant.scopes is not None else None,
+            "p_updated_at": now,
+        }
+        row = (await conn.execute(self._insert_tokens, {
+            **params,
+            "p_status": STATUS_ACTIVE,
+            "p_created_at": now,
+            "p_activated_at": now,
+            "p_canceled_at": None,
+            "p_token_cancel_source": None,
+            "p_cancel_reason": None,
+        })).first()
         if row is not None:
             return row, True
         # Known (active, or a cancellation tombstone): fill in what this grant knows; status stays.
-        update = (
-            authorizations.update()
-            .where((authorizations.c.provider == grant.provider)
-                   & (authorizations.c.access_token_fingerprint == fingerprint))
-            .values(updated_at=now, **fields)
-            .returning(*_COLUMNS)
-        )
-        row = (await conn.execute(update)).first()
+        row = (await conn.execute(self._update_tokens, params)).first()
         if row is None:  # pragma: no cover - rows are never deleted
             raise StoreError("authorization vanished while recording tokens")
         return row, False
@@ -309,9 +326,9 @@ class Store:
                 async with self._engine.begin() as conn:
                     query = (
                         select(*_PK, authorizations.c.access_token_encrypted, authorizations.c.refresh_token_encrypted)
-                        .where(or_(authorizations.c.provider > after[0],
-                                   (authorizations.c.provider == after[0])
-                                   & (authorizations.c.access_token_fingerprint > after[1])))
+                        .where(or_(authorizations.c.access_token_fingerprint > after[0],
+                                   (authorizations.c.access_token_fingerprint == after[0])
+                                   & (authorizations.c.provider > after[1])))
                         .order_by(*_PK)
                         .limit(batch_size)
                     )
@@ -332,7 +349,7 @@ class Store:
                 done += len(rows)
                 if len(rows) < batch_size:
                     return done
-                after = (rows[-1].provider, rows[-1].access_token_fingerprint)
+                after = (rows[-1].access_token_fingerprint, rows[-1].provider)
 
     @staticmethod
     def _rotate(fernet: MultiFernet, ciphertext: bytes | None) -> bytes | None:

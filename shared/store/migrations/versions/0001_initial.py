@@ -20,8 +20,8 @@ def upgrade() -> None:
     timestamp = sa.DateTime(timezone=True)
     op.create_table(
         "authorizations",
-        sa.Column("provider", sa.String(8), nullable=False),
         sa.Column("access_token_fingerprint", sa.String(16), nullable=False),
+        sa.Column("provider", sa.String(8), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("access_token_encrypted", sa.LargeBinary(), nullable=True),
         sa.Column("refresh_token_encrypted", sa.LargeBinary(), nullable=True),
@@ -40,13 +40,12 @@ def upgrade() -> None:
         sa.Column("updated_at", timestamp, nullable=False),
         sa.Column("activated_at", timestamp, nullable=True),
         sa.Column("canceled_at", timestamp, nullable=True),
-        sa.PrimaryKeyConstraint("provider", "access_token_fingerprint", name="pk_authorizations"),
+        sa.PrimaryKeyConstraint("access_token_fingerprint", "provider", name="pk_authorizations"),
         sa.CheckConstraint("status IN ('active', 'canceled')", name="status"),
     )
     op.create_index("ix_authorizations_reference_agreement_id", "authorizations", ["reference_agreement_id"])
     op.create_index("ix_authorizations_reference_merchant_id", "authorizations", ["reference_merchant_id"])
     op.create_index("ix_authorizations_auth_client_id", "authorizations", ["auth_client_id"])
-    op.create_index("ix_authorizations_access_token_fingerprint", "authorizations", ["access_token_fingerprint"])
     op.create_index(
         "ix_authorizations_status_access_token_expires_at", "authorizations", ["status", "access_token_expires_at"]
     )
@@ -61,8 +60,8 @@ def upgrade() -> None:
         sa.Column("exchanged_at", timestamp, nullable=False),
         sa.PrimaryKeyConstraint("code_hash", name="pk_code_exchanges"),
         sa.ForeignKeyConstraint(
-            ["provider", "access_token_fingerprint"],
-            ["authorizations.provider", "authorizations.access_token_fingerprint"],
+            ["access_token_fingerprint", "provider"],
+            ["authorizations.access_token_fingerprint", "authorizations.provider"],
             name="fk_code_exchanges_authorizations",
         ),
     )
