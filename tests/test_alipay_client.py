@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,34 @@ def client_for(
         return AlipayClient(config, session, timeout=timeout)
 
     return factory
+
+
+class _CurrentStderr:
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture
+def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """Our JSON logging, into this test's captured stderr; the previous configuration is put back after,
+    so later tests never log into this test's closed capture stream."""
+    import structlog
+
+    from shared.logging import configure_logging
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    configure_logging("json", level=logging.DEBUG)
+    # Resolve sys.stderr at each write: pytest swaps capture streams between a test's phases.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()))  # type: ignore[arg-type]
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -219,11 +248,8 @@ async def test_ams_without_customer_belongs_to_is_a_config_error(
 
 async def test_no_secret_in_results_or_logs(
     client_for: Callable[..., AlipayClient], gateway: RunningAlipayGateway, capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, json_logs: None,
 ) -> None:
-    from shared.logging import configure_logging
-
-    configure_logging("json", level=logging.DEBUG)
     caplog.set_level(logging.DEBUG)
     client = client_for("ams")
     result = await client.apply_token(auth_code=AUTH_CODE)

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,34 @@ async def channel(amqp_connection: aio_pika.abc.AbstractConnection) -> AsyncIter
     opened = await amqp_connection.channel(publisher_confirms=True)
     yield opened
     await opened.close()
+
+
+class _CurrentStderr:
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture
+def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """Our JSON logging, into this test's captured stderr; the previous configuration is put back after,
+    so later tests never log into this test's closed capture stream."""
+    import structlog
+
+    from shared.logging import configure_logging
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    configure_logging("json", level=logging.DEBUG)
+    # Resolve sys.stderr at each write: pytest swaps capture streams between a test's phases.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()))  # type: ignore[arg-type]
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
 
 
 @asynccontextmanager
@@ -392,11 +420,8 @@ def test_the_cli_worker_refuses_to_start_without_customer_belongs_to(keys: TestK
 
 async def test_no_raw_auth_code_or_token_in_logs_reasons_or_events(
     settings_for: Callable[..., Settings], gateway: RunningAlipayGateway, channel: aio_pika.abc.AbstractChannel,
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, json_logs: None,
 ) -> None:
-    from shared.logging import configure_logging
-
-    configure_logging("json", level=logging.DEBUG)
     caplog.set_level(logging.DEBUG)
     settings = settings_for()
     good, failed, unknown = new_code(), new_code(), new_code()

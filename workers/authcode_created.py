@@ -197,7 +197,7 @@ def parse_authcode_created(body: bytes, context: MessageContext) -> AuthCodeCrea
 
 async def worker_spec(resources: Resources, *,
                       apply_token_timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> WorkerSpec:
-    # Clients first: a configuration error stops the start before anything is opened.
+    # Clients first: a configuration error stops the start before the database is opened.
     clients = alipay_clients(resources.settings, await resources.http(), timeout=apply_token_timeout)
     store = await resources.store()
 
