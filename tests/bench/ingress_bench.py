@@ -7,8 +7,9 @@ Run: ``make bench-ingress`` (= ``.venv/bin/python -m tests.bench.ingress_bench``
 2. Drives it at a fixed concurrency with correctly signed notifications, signed before the clock starts, over
    keep-alive HTTP/1.1 connections written and parsed by a minimal asyncio protocol (one request in flight
    per connection). Reports acknowledged (HTTP 200) notifications/s and p50/p99 latency.
-3. In the same run, a bare aio-pika publisher with publisher confirms at the same concurrency publishes
-   persistent messages through the same exchange to the same (quorum by default) queue.
+3. In the same run, a bare aio-pika publisher with publisher confirms at the same concurrency publishes the
+   same messages (bodies, persistent, same properties and headers) through the same exchange to the same
+   (quorum by default) queue: the ceiling the ingress is measured against.
 4. Drives the ingress open-loop at half the rate measured in step 2 and reports p99 latency, measured from
    each request's scheduled send time so client-side queueing counts too.
 
@@ -35,6 +36,7 @@ import aio_pika
 import orjson
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from shared import messages
 from shared.keys import private_key_pem, public_key_pem
 from shared.signature import sign_request_headers
 from shared.topology import Topology, QueueType, declare_topology, delete_topology
@@ -111,17 +113,20 @@ async def connect(port: int) -> HttpConnection:
     return protocol
 
 
-def signed_requests(key: rsa.RSAPrivateKey, port: int, count: int) -> list[bytes]:
+def notification_bodies(count: int) -> list[bytes]:
+    return [orjson.dumps({
+        "authorizationNotifyType": "TOKEN_CREATED",
+        "accessToken": f"bench-token-{index:06d}-{uuid.uuid4().hex}",
+        "accessTokenExpiryTime": "2027-11-23T10:00:00+08:00",
+        "authState": "bench", "userLoginId": "bench@example.com",
+        "result": {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"},
+    }) for index in range(count)]
+
+
+def signed_requests(key: rsa.RSAPrivateKey, port: int, bodies: Sequence[bytes]) -> list[bytes]:
     requests = []
-    for index in range(count):
+    for index, body in enumerate(bodies):
         path, client_id = (AMS_PATH, AMS_CLIENT_ID) if index % 2 == 0 else (APS_PATH, APS_CLIENT_ID)
-        body = orjson.dumps({
-            "authorizationNotifyType": "TOKEN_CREATED",
-            "accessToken": f"bench-token-{index:06d}-{uuid.uuid4().hex}",
-            "accessTokenExpiryTime": "2027-11-23T10:00:00+08:00",
-            "authState": "bench", "userLoginId": "bench@example.com",
-            "result": {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"},
-        })
         headers = sign_request_headers(key, method="POST", path=path, client_id=client_id, body=body,
                                        time=str(int(time.time() * 1000)))
         head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -192,9 +197,9 @@ async def open_loop(port: int, requests: Sequence[bytes], rate: float, seconds: 
     return result
 
 
-async def raw_publisher(url: str, topology: Topology, concurrency: int, seconds: float) -> Measurement:
-    bodies = [orjson.dumps({"authorizationNotifyType": "TOKEN_CREATED", "accessToken": f"raw-{i}",
-                            "pad": "x" * 300}) for i in range(256)]
+async def raw_publisher(url: str, topology: Topology, bodies: Sequence[bytes], concurrency: int,
+                        seconds: float) -> Measurement:
+    """The same messages the ingress publishes (bodies, properties, headers), straight from aio-pika."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -208,6 +213,8 @@ async def raw_publisher(url: str, topology: Topology, concurrency: int, seconds:
                 message = aio_pika.Message(
                     bodies[index % len(bodies)], message_id=uuid.uuid4().hex, content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={messages.PROVIDER: "ams", messages.NOTIFY_TYPE: "TOKEN_CREATED",
+                             messages.RECEIVED_AT: messages.utc_now_iso(), messages.ATTEMPT: 1},
                 )
                 started = time.perf_counter()
                 await exchange.publish(message, "ams.TOKEN_CREATED", mandatory=True)
@@ -272,7 +279,8 @@ async def main(args: argparse.Namespace) -> int:
     print(f"authnotify ingress benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC  cpus={os.cpu_count()}  "
           f"queue={args.queue_type}  concurrency={args.concurrency}  duration={args.duration:g}s")
     print(f"signing {SIGNED_POOL} notifications before the clock starts ...", flush=True)
-    requests = signed_requests(alipay_key, port, SIGNED_POOL)
+    bodies = notification_bodies(SIGNED_POOL)
+    requests = signed_requests(alipay_key, port, bodies)
 
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "authnotify.cli", "ingress", env=env,
@@ -287,7 +295,7 @@ async def main(args: argparse.Namespace) -> int:
         print(f"ingress (subprocess)      {ingress.summary()}", flush=True)
         await purge(args.rabbitmq_url, topology)
 
-        raw = await raw_publisher(args.rabbitmq_url, topology, args.concurrency, args.duration)
+        raw = await raw_publisher(args.rabbitmq_url, topology, bodies, args.concurrency, args.duration)
         print(f"bare aio-pika publisher   {raw.summary()}", flush=True)
         await purge(args.rabbitmq_url, topology)
 
