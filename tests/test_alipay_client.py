@@ -105,6 +105,8 @@ async def test_ams_sandbox_client_id_uses_the_sandbox_path_and_gets_tokens(
 ) -> None:
     client = client_for("ams")
     assert client.apply_token_path == AMS_SANDBOX_APPLY_TOKEN_PATH
+    timed = _metric("authnotify_apply_token_seconds_count", provider="ams")
+    succeeded = _metric("authnotify_apply_token_results_total", provider="ams", result="S")
 
     result = await client.apply_token(auth_code=AUTH_CODE)
 
@@ -121,6 +123,8 @@ async def test_ams_sandbox_client_id_uses_the_sandbox_path_and_gets_tokens(
     assert call.body == {"grantType": "AUTHORIZATION_CODE", "authCode": AUTH_CODE,
                          "customerBelongsTo": "ALIPAY_CN"}
     assert gateway.gateway.calls[AUTH_CODE] == 1
+    assert _metric("authnotify_apply_token_seconds_count", provider="ams") == timed + 1
+    assert _metric("authnotify_apply_token_results_total", provider="ams", result="S") == succeeded + 1
 
 
 async def test_ams_production_client_id_uses_the_production_path(
