@@ -43,10 +43,13 @@ async def declare_topology_command(settings: Settings) -> int:
 
 
 async def migrate_command(settings: Settings) -> int:
+    from shared.store import StoreError
     from shared.store.migrations import upgrade_database
 
     try:
         revision = await upgrade_database(settings.database_url)
+    except StoreError as exc:
+        raise CommandError(f"authnotify: {exc}") from None
     except OSError as exc:
         raise CommandError(f"authnotify: database unreachable ({type(exc).__name__})") from None
     print(f"database schema at revision {revision}")
