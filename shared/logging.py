@@ -57,6 +57,25 @@ def _json_dumps(value: Any, **kwargs: Any) -> str:
         return json.dumps(value, **kwargs)
 
 
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is now, not the stream it was when configured
+    (test runners and daemons swap it, and a closed captured stream must not break a request)."""
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        try:
+            stream.write(message + "\n")
+            stream.flush()
+        except (ValueError, OSError):  # closed or broken stream: losing a log line beats failing work
+            pass
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(log_format: str = "json", level: int = logging.INFO) -> None:
     renderer: Any
     if log_format == "console":
@@ -73,7 +92,7 @@ def configure_logging(log_format: str = "json", level: int = logging.INFO) -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger_factory,
         cache_logger_on_first_use=False,
     )
     # Libraries' own log lines (aio-pika reconnect chatter, aiohttp access logs) stay quiet unless
