@@ -228,6 +228,41 @@ async def raw_publisher(url: str, topology: Topology, bodies: Sequence[bytes], c
     return result
 
 
+async def raw_open_loop(url: str, topology: Topology, bodies: Sequence[bytes], rate: float,
+                        seconds: float) -> Measurement:
+    """The bare publisher at a fixed rate: shows how much of the ingress's tail latency is the broker's."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(topology.notifications_exchange, ensure=False)
+        result = Measurement()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def send(index: int, scheduled: float) -> None:
+            message = aio_pika.Message(
+                bodies[index % len(bodies)], message_id=uuid.uuid4().hex, content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers={messages.PROVIDER: "ams", messages.NOTIFY_TYPE: "TOKEN_CREATED",
+                         messages.RECEIVED_AT: messages.utc_now_iso(), messages.ATTEMPT: 1},
+            )
+            await exchange.publish(message, "ams.TOKEN_CREATED", mandatory=True)
+            result.latencies.append(time.perf_counter() - scheduled)
+            result.acknowledged += 1
+
+        started = time.perf_counter()
+        for index in range(int(rate * seconds)):
+            scheduled = started + index / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(send(index, scheduled))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        result.seconds = time.perf_counter() - started
+    return result
+
+
 async def purge(url: str, topology: Topology) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
@@ -302,6 +337,9 @@ async def main(args: argparse.Namespace) -> int:
         half_rate = ingress.rate / 2
         paced = await open_loop(port, requests, half_rate, args.duration)
         print(f"ingress at {half_rate:5.0f}/s      {paced.summary()}", flush=True)
+        await purge(args.rabbitmq_url, topology)
+        raw_paced = await raw_open_loop(args.rabbitmq_url, topology, bodies, half_rate, args.duration)
+        print(f"bare publisher at {half_rate:5.0f}/s {raw_paced.summary()}  (for reference)", flush=True)
 
         ratio = ingress.rate / raw.rate if raw.rate else float("nan")
         p99 = paced.percentile(0.99)
