@@ -11,7 +11,8 @@ Run: ``make bench-ingress`` (= ``.venv/bin/python -m tests.bench.ingress_bench``
    same messages (bodies, persistent, same properties and headers) through the same exchange to the same
    (quorum by default) queue: the ceiling the ingress is measured against.
 4. Drives the ingress open-loop at half the rate measured in step 2 and reports p99 latency, measured from
-   each request's scheduled send time so client-side queueing counts too.
+   each request's scheduled send time so client-side queueing counts too; then the bare publisher at the same
+   rate, for reference. Between phases the queue is purged and the broker left idle for ``--settle`` seconds.
 
 Goals: ingress >= 0.7 x bare publisher; p99 < 50 ms at half rate. Everything shares the same cores as the
 broker, so compare the ratio of one run rather than absolute figures across machines.
@@ -271,6 +272,13 @@ async def purge(url: str, topology: Topology) -> None:
         await queue.purge()
 
 
+async def settle(args: argparse.Namespace, topology: Topology) -> None:
+    """Empties the queue and lets the broker finish with it (a quorum queue compacts its log after a
+    purge), so one phase's aftermath does not land in the next phase's figures."""
+    await purge(args.rabbitmq_url, topology)
+    await asyncio.sleep(args.settle)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -323,21 +331,22 @@ async def main(args: argparse.Namespace) -> int:
     )
     try:
         await wait_ready(port, process)
-        await closed_loop(port, requests, args.concurrency, args.warmup)  # warm caches, JIT-free but still
-        await purge(args.rabbitmq_url, topology)
+        await closed_loop(port, requests, args.concurrency, args.warmup)  # connections, caches, first signatures
+        await settle(args, topology)
 
         ingress = await closed_loop(port, requests, args.concurrency, args.duration)
         print(f"ingress (subprocess)      {ingress.summary()}", flush=True)
-        await purge(args.rabbitmq_url, topology)
-
-        raw = await raw_publisher(args.rabbitmq_url, topology, bodies, args.concurrency, args.duration)
-        print(f"bare aio-pika publisher   {raw.summary()}", flush=True)
-        await purge(args.rabbitmq_url, topology)
+        await settle(args, topology)
 
         half_rate = ingress.rate / 2
         paced = await open_loop(port, requests, half_rate, args.duration)
         print(f"ingress at {half_rate:5.0f}/s      {paced.summary()}", flush=True)
-        await purge(args.rabbitmq_url, topology)
+        await settle(args, topology)
+
+        raw = await raw_publisher(args.rabbitmq_url, topology, bodies, args.concurrency, args.duration)
+        print(f"bare aio-pika publisher   {raw.summary()}", flush=True)
+        await settle(args, topology)
+
         raw_paced = await raw_open_loop(args.rabbitmq_url, topology, bodies, half_rate, args.duration)
         print(f"bare publisher at {half_rate:5.0f}/s {raw_paced.summary()}  (for reference)", flush=True)
 
@@ -365,6 +374,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--settle", type=float, default=3.0, help="idle seconds between phases")
     parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     parser.add_argument("--rabbitmq-url", default=os.environ.get(
         "AUTHNOTIFY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
