@@ -25,7 +25,6 @@ import asyncio
 import os
 import signal
 import socket
-import statistics
 import sys
 import time
 import uuid
