@@ -35,7 +35,9 @@ class SignatureHeader:
 
 
 def signed_content(method: str, path: str, client_id: str, time: str, body: bytes) -> bytes:
-    return f"{method} {path}\n{client_id}.{time}.".encode() + body
+    # surrogateescape gives back the raw bytes of a header that was not UTF-8 (aiohttp decodes header
+    # values that way): such a request then fails verification instead of raising.
+    return f"{method} {path}\n{client_id}.{time}.".encode("utf-8", "surrogateescape") + body
 
 
 def sign_content(private_key: RSAPrivateKey, content: bytes) -> str:

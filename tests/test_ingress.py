@@ -441,3 +441,29 @@ def test_the_ingress_names_a_port_it_cannot_listen_on(tmp_path: Any, keys: Keys)
         }, tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"authnotify: cannot listen on 127.0.0.1:{port} (address already in use)"]
+
+
+async def test_header_bytes_that_are_not_utf8_are_refused_not_crashed_on(
+    start: Any, keys: Keys, amqp_connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    ingress = await start()
+    case = PROVIDER_CASES[0]
+    body = token_created()
+    good = notification_headers(keys.alipay.private_key, case, body)
+    host, port = ingress.url.removeprefix("http://").split(":")
+    variants = [
+        ("Request-Time", b"2026-11-23T10:00:00\xff\xfe+08:00", "INVALID_SIGNATURE"),
+        ("Signature", b"algorithm=RSA256,keyVersion=1,signature=\xff\xfe", "INVALID_SIGNATURE"),
+        ("Client-Id", case.client_id.encode() + b"\xff", "INVALID_CLIENT"),
+    ]
+    for name, raw_value, code in variants:
+        head = b"".join(f"{k}: {v}\r\n".encode() for k, v in good.items() if k != name)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST {case.path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode() + head
+                     + name.encode() + b": " + raw_value + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 401"), (name, answer[:200])
+        assert orjson.loads(rest.split(b"\r\n\r\n", 1)[1])["result"]["resultCode"] == code
+    assert await message_counts(amqp_connection, ingress.topology) == {}
