@@ -90,6 +90,12 @@ class NotificationEndpoint:
     async def handle(self, request: web.Request) -> web.Response:
         # Every request gets the id its message would carry, so each log line names one.
         message_id = new_message_id()
+        try:
+            return await self._check_and_publish(request, message_id)
+        except Exception as exc:  # a bug or a dropped client: answer U (Alipay retries), never a bare 500
+            return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}")
+
+    async def _check_and_publish(self, request: web.Request, message_id: str) -> web.Response:
         config = self._config
         if config is None:
             return self._answer(NO_INTERFACE_DEF, message_id, "provider not configured")
