@@ -433,3 +433,41 @@ async def test_unreachable_database_is_a_store_error_without_password() -> None:
 async def test_missing_sqlite_directory_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         await Store.connect(f"sqlite+aiosqlite:///{tmp_path}/missing/dir/x.db", None)
+
+
+# --- group commit (the performance engineer's batching of concurrent record_tokens) ------------------
+
+
+async def test_concurrent_grants_share_transactions_with_the_same_event_rules(store: Store) -> None:
+    known = _token("at")
+    await store.record_tokens(_grant(known), possibly_seen_before=False)
+    fresh = [_token("at") for _ in range(40)]
+    jobs = [store.record_tokens(_grant(token), possibly_seen_before=False) for token in fresh]
+    jobs += [store.record_tokens(_grant(fresh[0], customer_id="cust-2"), possibly_seen_before=False)]  # repeat
+    jobs += [store.record_tokens(_grant(known, user_login_id="new@example.com"), possibly_seen_before=False)]
+    jobs += [store.record_tokens(_grant(known), possibly_seen_before=True)]
+
+    results = await asyncio.gather(*jobs)
+
+    assert [len(r.events) for r in results[:40]] == [1] * 40  # each new authorization activated once
+    assert results[40].events == [] and results[40].authorization.customerId == "cust-2"
+    assert results[41].events == [] and results[41].authorization.userLoginId == "new@example.com"
+    assert [e.type for e in results[42].events] == [ACTIVATED]  # possibly seen before: re-emitted
+    assert len(await store.list_authorizations()) == 41
+
+
+async def test_a_grant_the_database_refuses_fails_alone_not_its_batch(store: Store) -> None:
+    tokens = [_token("at") for _ in range(20)]
+    jobs = [store.record_tokens(_grant(token), possibly_seen_before=False) for token in tokens]
+    # PostgreSQL refuses a NUL character in text; SQLite stores it.
+    jobs.insert(7, store.record_tokens(_grant(_token("at"), customer_id="bad\x00value"), possibly_seen_before=False))
+
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+
+    good = results[:7] + results[8:]
+    assert all(not isinstance(r, BaseException) and [e.type for e in r.events] == [ACTIVATED] for r in good)
+    if store.engine.dialect.name == "postgresql":
+        assert isinstance(results[7], StoreError)
+        assert len(await store.list_authorizations()) == 20
+    else:
+        assert not isinstance(results[7], BaseException)

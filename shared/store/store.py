@@ -8,6 +8,7 @@ hit a unique violation and never both see "new".
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,6 +127,28 @@ _GRANT_FIELDS = (
     "auth_state", "scopes",
 )
 _COLUMNS = tuple(authorizations.c)
+_NEW_ROW = {"p_status": STATUS_ACTIVE, "p_canceled_at": None, "p_token_cancel_source": None, "p_cancel_reason": None}
+# Group commit: concurrent record_tokens calls share one transaction (one commit, one WAL flush) instead of
+# one each. A call that finds no flush running is flushed at once, so an idle worker adds no latency.
+TOKEN_BATCH_MAX = 128
+TOKEN_FLUSHES_MAX = 2  # transactions in flight: one commits while the next collects
+
+
+@dataclass
+class _PendingGrant:
+    grant: TokenGrant
+    possibly_seen_before: bool
+    future: asyncio.Future[Recorded]
+
+
+def _settle(future: asyncio.Future[Recorded], result: Recorded | None, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled: its message is redelivered, the effect stays
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert result is not None
+        future.set_result(result)
 
 
 class Store:
@@ -156,6 +179,8 @@ class Store:
             })
             .returning(*_COLUMNS)
         )
+        self._pending_grants: list[_PendingGrant] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(cls, database_url: str, token_keys: TokenKeys | None, *, migrate: bool = True) -> Store:
@@ -178,6 +203,8 @@ class Store:
         return store
 
     async def close(self) -> None:
+        if self._flushes:  # grants already taken are committed (or failed) before the pool goes
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         await self._engine.dispose()
 
     @property
@@ -195,6 +222,82 @@ class Store:
     # --- writes -------------------------------------------------------------------------------------
 
     async def record_tokens(self, grant: TokenGrant, *, possibly_seen_before: bool) -> Recorded:
+        """Returns once the effect is committed; concurrent calls are committed together (group commit)."""
+        self._fernet()  # a missing key fails this call, not a whole batch
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._pending_grants.append(_PendingGrant(grant, possibly_seen_before, future))
+        self._start_flushes()
+        return await future
+
+    def _start_flushes(self) -> None:
+        while self._pending_grants and len(self._flushes) < TOKEN_FLUSHES_MAX:
+            batch = self._pending_grants[:TOKEN_BATCH_MAX]
+            del self._pending_grants[:TOKEN_BATCH_MAX]
+            task = asyncio.create_task(self._flush_grants(batch), name="store-record-tokens")
+            self._flushes.add(task)
+            task.add_done_callback(self._flush_done)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._start_flushes()
+
+    async def _flush_grants(self, batch: list[_PendingGrant]) -> None:
+        try:
+            await self._flush_grants_now(batch)
+        except BaseException:  # cancelled (shutdown): no caller may wait forever
+            for pending in batch:
+                _settle(pending.future, None, StoreError("cannot record tokens: interrupted"))
+            raise
+
+    async def _flush_grants_now(self, batch: list[_PendingGrant]) -> None:
+        if len(batch) > 1:
+            try:
+                with self._errors("cannot record tokens"):
+                    outcomes = await self._upsert_tokens_many([pending.grant for pending in batch])
+            except Exception:
+                # One bad grant (or a deadlock, or a lost connection) must not fail the others: each is
+                # retried alone, so an error lands on its own message only.
+                pass
+            else:
+                for pending, (row, created) in zip(batch, outcomes, strict=True):
+                    _settle(pending.future, self._recorded_tokens(row, created, pending.possibly_seen_before), None)
+                return
+        for pending in batch:
+            try:
+                result = await self._record_tokens_alone(pending.grant, pending.possibly_seen_before)
+            except Exception as exc:
+                _settle(pending.future, None, exc)
+            else:
+                _settle(pending.future, result, None)
+
+    async def _upsert_tokens_many(self, grants: Sequence[TokenGrant]) -> list[tuple[Row[Any], bool]]:
+        """Every grant in ONE transaction, with the same outcome as recording them one after another."""
+        fernet = self._fernet()
+        now = _now()
+        params = [self._token_params(grant, fernet, now) for grant in grants]
+        keys = [(p["p_access_token_fingerprint"], p["p_provider"]) for p in params]
+        first: dict[tuple[str, str], int] = {}
+        for index, key in enumerate(keys):
+            first.setdefault(key, index)
+        outcomes: list[tuple[Row[Any], bool] | None] = [None] * len(grants)
+        async with self._engine.begin() as conn:
+            # Key order everywhere: concurrent transactions lock rows in the same order, never deadlock.
+            inserts = [{**params[index], **_NEW_ROW, "p_created_at": now, "p_activated_at": now}
+                       for _, index in sorted(first.items())]
+            inserted = {(row.access_token_fingerprint, row.provider): row
+                        for row in (await conn.execute(self._insert_tokens, inserts)).all()}
+            for index in sorted(range(len(grants)), key=lambda i: (keys[i], i)):
+                if first[keys[index]] == index and keys[index] in inserted:
+                    outcomes[index] = (inserted[keys[index]], True)
+                    continue
+                # Known before this batch, or a repeat within it: fill in; status stays.
+                row = (await conn.execute(self._update_tokens, params[index])).first()
+                if row is None:  # pragma: no cover - rows are never deleted
+                    raise StoreError("authorization vanished while recording tokens")
+                outcomes[index] = (row, False)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _record_tokens_alone(self, grant: TokenGrant, possibly_seen_before: bool) -> Recorded:
         fernet = self._fernet()
         with self._errors("cannot record tokens"):
             async with self._autocommit.connect() as conn:
@@ -269,11 +372,9 @@ class Store:
             raise StoreError("authorization vanished while recording a cancellation")
         return Recorded(authorization_data(row), [_canceled(row)] if possibly_seen_before else [])
 
-    async def _upsert_tokens(
-        self, conn: AsyncConnection, grant: TokenGrant, fernet: MultiFernet, now: datetime | None = None
-    ) -> tuple[Row[Any], bool]:
-        now = now or _now()
-        params = {
+    @staticmethod
+    def _token_params(grant: TokenGrant, fernet: MultiFernet, now: datetime) -> dict[str, Any]:
+        return {
             "p_provider": grant.provider,
             "p_access_token_fingerprint": access_token_fingerprint(grant.access_token),
             "p_access_token_encrypted": fernet.encrypt(grant.access_token.encode()),
@@ -289,14 +390,14 @@ class Store:
             "p_scopes": list(grant.scopes) if grant.scopes is not None else None,
             "p_updated_at": now,
         }
+
+    async def _upsert_tokens(
+        self, conn: AsyncConnection, grant: TokenGrant, fernet: MultiFernet, now: datetime | None = None
+    ) -> tuple[Row[Any], bool]:
+        now = now or _now()
+        params = self._token_params(grant, fernet, now)
         row = (await conn.execute(self._insert_tokens, {
-            **params,
-            "p_status": STATUS_ACTIVE,
-            "p_created_at": now,
-            "p_activated_at": now,
-            "p_canceled_at": None,
-            "p_token_cancel_source": None,
-            "p_cancel_reason": None,
+            **params, **_NEW_ROW, "p_created_at": now, "p_activated_at": now,
         })).first()
         if row is not None:
             return row, True
