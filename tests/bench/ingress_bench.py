@@ -383,4 +383,8 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     import uvloop
 
-    sys.exit(uvloop.run(main(parse_args())))
+    try:
+        sys.exit(uvloop.run(main(parse_args())))
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:  # e.g. the broker restarted under the run
+        print(f"ingress_bench: aborted: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        sys.exit(1)
