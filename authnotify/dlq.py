@@ -133,17 +133,7 @@ def replay_message(message: AbstractIncomingMessage, consumer: Consumer) -> aio_
     headers[h.ATTEMPT] = 1
     headers[h.REPLAYED] = h.header_int(headers, h.REPLAYED, 0) + 1
     headers[h.HISTORY] = history
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type or h.JSON_CONTENT_TYPE,
-        content_encoding=message.content_encoding,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return h.copy_with_headers(message, headers)
 
 
 # --- reading a DLQ ----------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
 PROVIDER = "authnotify-provider"  # "ams" or "aps"
 NOTIFY_TYPE = "authnotify-notify-type"  # authorizationNotifyType, or "unknown"; event type for events
 RECEIVED_AT = "authnotify-received-at"  # when the ingress took the notification (ISO 8601)
@@ -43,3 +46,19 @@ def header_str(headers: dict[str, Any] | None, name: str) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def copy_with_headers(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """The same message (body, id, properties), persistent, with new headers: how a retry, a dead letter
+    and a replay re-publish what they received."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type or JSON_CONTENT_TYPE,
+        content_encoding=message.content_encoding,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

@@ -30,8 +30,7 @@ from workers.notifications import (
     AmsAuthCodeCreated,
     ApsAuthCodeCreated,
     AuthCodeCreated,
-    InvalidNotification,
-    parse_notification,
+    notification_parser,
 )
 from workers.runtime import MessageContext, PermanentError, TransientError, WorkerSpec
 
@@ -187,12 +186,7 @@ async def handle_authcode_created(
     return recorded.events
 
 
-def parse_authcode_created(body: bytes, context: MessageContext) -> AuthCodeCreated:
-    try:
-        parsed: AuthCodeCreated = parse_notification(body, context.provider or "", NOTIFY_TYPE)
-    except InvalidNotification as exc:
-        raise PermanentError(str(exc)) from None
-    return parsed
+parse_authcode_created = notification_parser(NOTIFY_TYPE)
 
 
 async def worker_spec(resources: Resources, *,

@@ -8,10 +8,14 @@ are required on that type's model. Unknown fields are kept, not refused: provide
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from workers.runtime import MessageContext
 
 
 class InvalidNotification(ValueError):
@@ -190,3 +194,16 @@ def parse_notification(body: bytes, provider: str, notify_type: str) -> Any:
         return model.model_validate({**document, "provider": provider})
     except ValidationError as exc:
         raise InvalidNotification(_describe(exc)) from None
+
+
+def notification_parser(notify_type: str) -> Callable[[bytes, MessageContext], Any]:
+    """The ``WorkerSpec.parse`` of a notification consumer: a broken field rule is a permanent failure."""
+    from workers.runtime import PermanentError
+
+    def parse(body: bytes, context: MessageContext) -> Any:
+        try:
+            return parse_notification(body, context.provider or "", notify_type)
+        except InvalidNotification as exc:
+            raise PermanentError(str(exc)) from None
+
+    return parse

@@ -44,7 +44,6 @@ log = get_logger("authnotify.worker")
 DRAIN_TIMEOUT_SECONDS = 30.0
 PUBLISH_TIMEOUT_SECONDS = 10.0
 REASON_MAX_LENGTH = 300
-BROKER_WATCH_INTERVAL_SECONDS = 0.5
 
 
 class PermanentError(Exception):
@@ -152,20 +151,6 @@ def message_context(consumer: Consumer, message: AbstractIncomingMessage) -> Mes
     )
 
 
-def _copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type or h.JSON_CONTENT_TYPE,
-        content_encoding=message.content_encoding,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
-
-
 def dead_letter_message(message: AbstractIncomingMessage, consumer: Consumer, reason: str,
                         attempts: int) -> aio_pika.Message:
     headers = dict(message.headers or {})
@@ -175,7 +160,7 @@ def dead_letter_message(message: AbstractIncomingMessage, consumer: Consumer, re
         h.DEAD_QUEUE: consumer.value,
         h.DEAD_AT: h.utc_now_iso(),
     })
-    return _copy_message(message, headers)
+    return h.copy_with_headers(message, headers)
 
 
 def event_message(event: MerchantEvent) -> aio_pika.Message:
@@ -249,7 +234,6 @@ class WorkerRuntime:
         self._start_task: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()
         self.failure: BaseException | None = None
-        self._watch_task: asyncio.Task[None] | None = None
         self._http_port = settings.worker_http_port if http_port is None else http_port
         self._http_runner: web.AppRunner | None = None
         self.drain_timeout = drain_timeout
@@ -262,7 +246,8 @@ class WorkerRuntime:
             await self._start_http()
         self.broker.start()
         self._start_task = asyncio.create_task(self._start_consumers(), name="worker-start")
-        self._watch_task = asyncio.create_task(self._watch_broker(), name="worker-broker-watch")
+        # Read at scrape time; this process's broker is the one that counts (it replaces any earlier reader).
+        BROKER_CONNECTED.set_function(lambda: 1.0 if self.broker.is_open else 0.0)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._started.wait(), timeout)
@@ -307,11 +292,6 @@ class WorkerRuntime:
             log.info("consumer_started", consumer=spec.consumer.value, prefetch=spec.prefetch)
         self._started.set()
 
-    async def _watch_broker(self) -> None:
-        while True:
-            BROKER_CONNECTED.set(1 if self.broker.is_open else 0)
-            await asyncio.sleep(BROKER_WATCH_INTERVAL_SECONDS)
-
     async def stop(self) -> None:
         """Stops consuming, lets held messages finish (bounded), then closes everything."""
         if self._stopping:
@@ -336,10 +316,6 @@ class WorkerRuntime:
             for task in list(self._inflight):
                 task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
         for state in self._consumers:
             if state.channel is not None:
                 with contextlib.suppress(Exception):
@@ -349,7 +325,7 @@ class WorkerRuntime:
                 await self._publish_channel.close()
         if self._own_broker:
             await self.broker.close()
-        BROKER_CONNECTED.set(0)
+        BROKER_CONNECTED.set_function(lambda: 0.0)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
             self._http_runner = None
@@ -365,7 +341,6 @@ class WorkerRuntime:
 
         async def readyz(_request: web.Request) -> web.Response:
             ready = self.ready
-            BROKER_CONNECTED.set(1 if self.broker.is_open else 0)
             return web.json_response({"status": "ready" if ready else "not ready"}, status=200 if ready else 503)
 
         async def metrics(_request: web.Request) -> web.Response:
@@ -424,7 +399,7 @@ class WorkerRuntime:
                     headers = dict(message.headers or {})
                     headers[h.ATTEMPT] = context.attempt + 1
                     headers[h.LAST_ERROR] = reason
-                    await self._publish(_copy_message(message, headers), "", step.queue)
+                    await self._publish(h.copy_with_headers(message, headers), "", step.queue)
                 else:
                     await self._publish(
                         dead_letter_message(message, consumer, reason or "unknown", context.attempt),

@@ -16,11 +16,10 @@ from shared.topology import Consumer
 from workers.notifications import (
     AmsTokenCanceled,
     ApsTokenCanceled,
-    InvalidNotification,
     TokenCanceled,
-    parse_notification,
+    notification_parser,
 )
-from workers.runtime import MessageContext, PermanentError, WorkerSpec
+from workers.runtime import MessageContext, WorkerSpec
 
 if TYPE_CHECKING:
     from workers.resources import Resources
@@ -68,12 +67,7 @@ async def handle_token_canceled(
     return recorded.events
 
 
-def parse_token_canceled(body: bytes, context: MessageContext) -> TokenCanceled:
-    try:
-        parsed: TokenCanceled = parse_notification(body, context.provider or "", NOTIFY_TYPE)
-    except InvalidNotification as exc:
-        raise PermanentError(str(exc)) from None
-    return parsed
+parse_token_canceled = notification_parser(NOTIFY_TYPE)
 
 
 async def worker_spec(resources: Resources) -> WorkerSpec:

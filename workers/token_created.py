@@ -18,11 +18,10 @@ from shared.topology import Consumer
 from workers.notifications import (
     AmsTokenCreated,
     ApsTokenCreated,
-    InvalidNotification,
     TokenCreated,
-    parse_notification,
+    notification_parser,
 )
-from workers.runtime import MessageContext, PermanentError, WorkerSpec
+from workers.runtime import MessageContext, WorkerSpec
 
 if TYPE_CHECKING:
     from workers.resources import Resources
@@ -78,12 +77,7 @@ async def handle_token_created(
     return recorded.events
 
 
-def parse_token_created(body: bytes, context: MessageContext) -> TokenCreated:
-    try:
-        parsed: TokenCreated = parse_notification(body, context.provider or "", NOTIFY_TYPE)
-    except InvalidNotification as exc:
-        raise PermanentError(str(exc)) from None
-    return parsed
+parse_token_created = notification_parser(NOTIFY_TYPE)
 
 
 async def worker_spec(resources: Resources) -> WorkerSpec:
