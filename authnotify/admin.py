@@ -54,3 +54,21 @@ async def migrate_command(settings: Settings) -> int:
         raise CommandError(f"authnotify: database unreachable ({type(exc).__name__})") from None
     print(f"database schema at revision {revision}")
     return 0
+
+
+async def reencrypt_tokens_command(settings: Settings) -> int:
+    """After putting a new key first in AUTHNOTIFY_TOKEN_KEYS: rewrite every stored token under it, so the
+    old keys can then be dropped from the list."""
+    from shared.store import Store, StoreError
+
+    token_keys = settings.require_token_keys()
+    try:
+        store = await Store.connect(settings.database_url, token_keys)
+        try:
+            count = await store.reencrypt_tokens()
+        finally:
+            await store.close()
+    except StoreError as exc:
+        raise CommandError(f"authnotify: {exc}") from None
+    print(f"re-encrypted the tokens of {count} authorizations with the first key of AUTHNOTIFY_TOKEN_KEYS")
+    return 0

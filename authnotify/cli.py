@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("names", nargs="*", type=_consumer_name, metavar="NAME")
     commands.add_parser("topology", help="declare every exchange and queue")
     commands.add_parser("migrate", help="bring the database schema up to date")
+    commands.add_parser("reencrypt-tokens",
+                        help="rewrite stored tokens under the first key of AUTHNOTIFY_TOKEN_KEYS (key rotation)")
 
     dlq = commands.add_parser("dlq", help="inspect, replay and purge dead-lettered messages")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
@@ -142,6 +144,10 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
         from authnotify.admin import migrate_command
 
         return _run(lambda: migrate_command(settings))
+    if command == "reencrypt-tokens":
+        from authnotify.admin import reencrypt_tokens_command
+
+        return _run(lambda: reencrypt_tokens_command(settings))
     if command == "dlq":
         from authnotify import dlq
 
