@@ -5,12 +5,15 @@ Run: ``make bench-ingress`` (= ``.venv/bin/python -m tests.bench.ingress_bench``
 1. Starts ``authnotify ingress`` as a subprocess (the way it runs in production: uvloop, JSON logs to a pipe
    that is discarded) in a namespace of its own, with both providers configured.
 2. Drives it at a fixed concurrency with correctly signed notifications, signed before the clock starts, over
-   keep-alive HTTP/1.1 connections written and parsed by a minimal asyncio protocol (one request in flight
-   per connection). Reports acknowledged (HTTP 200) notifications/s and p50/p99 latency.
+   keep-alive HTTP/1.1 connections, one request in flight per connection: with ``wrk`` (one thread, the
+   pre-signed requests cycled by tests/bench/ingress_wrk.lua) when it is installed, so the client's own CPU
+   does not count against the ingress, else with a minimal asyncio client. Reports acknowledged (HTTP 200)
+   notifications/s and p50/p99 latency.
 3. In the same run, a bare aio-pika publisher with publisher confirms at the same concurrency publishes the
    same messages (bodies, persistent, same properties and headers) through the same exchange to the same
    (quorum by default) queue: the ceiling the ingress is measured against.
-4. Drives the ingress open-loop at half the rate measured in step 2 and reports p99 latency, measured from
+4. Drives the ingress open-loop at half the rate measured in step 2 (a paced asyncio client: requests due
+   at a wake-up go out together on idle keep-alive connections) and reports p99 latency, measured from
    each request's scheduled send time so client-side queueing counts too; then the bare publisher at the same
    rate, for reference. Between phases the queue is purged and the broker left idle for ``--settle`` seconds.
 
@@ -26,11 +29,15 @@ import os
 import signal
 import socket
 import sys
+import re
+import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aio_pika
 import orjson
@@ -52,12 +59,16 @@ class Measurement:
     acknowledged: int = 0
     other: dict[int, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    # Percentiles (quantile -> ms) computed elsewhere, e.g. by wrk, when there is no list of latencies.
+    given: dict[float, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.acknowledged / self.seconds if self.seconds else 0.0
 
     def percentile(self, q: float) -> float:
+        if q in self.given:
+            return self.given[q]
         if not self.latencies:
             return float("nan")
         ordered = sorted(self.latencies)
@@ -163,37 +174,119 @@ async def closed_loop(port: int, requests: Sequence[bytes], concurrency: int, se
     return result
 
 
-async def open_loop(port: int, requests: Sequence[bytes], rate: float, seconds: float) -> Measurement:
-    """Sends at a fixed rate whatever the answers do; latency counts from the scheduled send time."""
-    idle: list[HttpConnection] = [await connect(port) for _ in range(32)]
-    result = Measurement()
-    tasks: set[asyncio.Task[None]] = set()
+WRK_SCRIPT = Path(__file__).with_name("ingress_wrk.lua")
+WRK_RESULT = re.compile(r"WRK_RESULT (.*)")
 
-    async def send(index: int, scheduled: float) -> None:
-        connection = idle.pop() if idle else await connect(port)
-        status = await connection.request(requests[index % len(requests)])
-        result.latencies.append(time.perf_counter() - scheduled)
+
+async def wrk_closed_loop(port: int, requests: Sequence[bytes], concurrency: int, seconds: float,
+                          wrk: str) -> Measurement:
+    """The closed loop driven by wrk (one thread, C, a few % of a core) so the client's CPU does not count
+    against the ingress: the Python client costs about as much CPU per request as the ingress itself."""
+    with tempfile.TemporaryDirectory(prefix="ingress-bench-") as directory:
+        pool = Path(directory, "requests")
+        with pool.open("wb") as out:
+            for request in requests:
+                out.write(b"%d\n" % len(request))
+                out.write(request)
+        process = await asyncio.create_subprocess_exec(
+            wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+            "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}/", "--", str(pool),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await process.communicate()
+    text = output.decode(errors="replace")
+    found = WRK_RESULT.search(text)
+    if process.returncode != 0 or found is None:
+        raise SystemExit(f"wrk failed ({process.returncode}): {text[-500:]}")
+    figures = {name: int(value) for name, value in (pair.split("=") for pair in found.group(1).split())}
+    result = Measurement(seconds=figures["duration_us"] / 1e6,
+                         given={0.5: figures["p50_us"] / 1000, 0.99: figures["p99_us"] / 1000})
+    result.acknowledged = figures["requests"] - figures["non2xx"]
+    if figures["non2xx"]:
+        result.other[0] = figures["non2xx"]  # wrk does not tell which statuses: 0 stands for "non-2xx"
+    if figures["socket_errors"] or figures["timeouts"]:
+        result.other[-1] = figures["socket_errors"] + figures["timeouts"]
+    return result
+
+
+class PacedConnection(asyncio.Protocol):
+    """A keep-alive connection for the open loop: no task or future per request, only a callback."""
+
+    def __init__(self, on_answer: Callable[[PacedConnection, int], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.on_answer = on_answer
+        self.scheduled = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        at = self.buffer.find(b"Content-Length:", 0, end)
+        if at < 0:
+            at = self.buffer.lower().find(b"content-length:", 0, end)
+        length = int(self.buffer[at + 15:self.buffer.find(b"\r\n", at)]) if at >= 0 else 0
+        if len(self.buffer) < end + 4 + length:
+            return
+        status = int(self.buffer[9:12])
+        del self.buffer[:end + 4 + length]
+        self.on_answer(self, status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+async def open_loop(port: int, requests: Sequence[bytes], rate: float, seconds: float) -> Measurement:
+    """Sends at a fixed rate whatever the answers do; latency counts from the scheduled send time.
+
+    Requests due at a wake-up go out together on idle keep-alive connections (a new one only when all are
+    busy), so the client's own cost stays small and a late wake-up still counts against the latency."""
+    loop = asyncio.get_running_loop()
+    result = Measurement()
+    idle: list[PacedConnection] = []
+    total = int(rate * seconds)
+    answered = 0
+    finished = loop.create_future()
+    now = time.perf_counter
+
+    def on_answer(connection: PacedConnection, status: int) -> None:
+        nonlocal answered
+        result.latencies.append(now() - connection.scheduled)
         if status == 200:
             result.acknowledged += 1
         else:
             result.other[status] = result.other.get(status, 0) + 1
         idle.append(connection)
+        answered += 1
+        if answered == total and not finished.done():
+            finished.set_result(None)
 
-    total = int(rate * seconds)
-    started = time.perf_counter()
-    for index in range(total):
-        scheduled = started + index / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(send(index, scheduled))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    result.seconds = time.perf_counter() - started
+    async def open_connection() -> PacedConnection:
+        _, protocol = await loop.create_connection(lambda: PacedConnection(on_answer), "127.0.0.1", port)
+        return protocol
+
+    idle.extend([await open_connection() for _ in range(32)])
+    started = now()
+    index = 0
+    while index < total:
+        current = now()
+        while index < total and started + index / rate <= current:
+            connection = idle.pop() if idle else await open_connection()
+            connection.scheduled = started + index / rate
+            assert connection.transport is not None
+            connection.transport.write(requests[index % len(requests)])
+            index += 1
+        if index < total:
+            await asyncio.sleep(max(0.0, started + index / rate - now()))
+    await finished
+    result.seconds = now() - started
     for connection in idle:
-        assert connection.transport is not None
-        connection.transport.close()
+        if connection.transport is not None:
+            connection.transport.close()
     return result
 
 
@@ -320,6 +413,13 @@ async def main(args: argparse.Namespace) -> int:
     })
     print(f"authnotify ingress benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC  cpus={os.cpu_count()}  "
           f"queue={args.queue_type}  concurrency={args.concurrency}  duration={args.duration:g}s")
+    wrk = shutil.which("wrk") if args.client in ("auto", "wrk") else None
+    if wrk is None and args.client == "wrk":
+        raise SystemExit("ingress_bench: wrk not found (Debian: apt-get install -y wrk)")
+    if wrk is None:
+        print("closed loop by the Python client, whose CPU counts against the ingress: "
+              "install wrk (Debian: apt-get install -y wrk) to measure the ingress alone")
+    closed_client = "wrk" if wrk else "python client"
     print(f"signing {SIGNED_POOL} notifications before the clock starts ...", flush=True)
     bodies = notification_bodies(SIGNED_POOL)
     requests = signed_requests(alipay_key, port, bodies)
@@ -333,8 +433,11 @@ async def main(args: argparse.Namespace) -> int:
         await closed_loop(port, requests, args.concurrency, args.warmup)  # connections, caches, first signatures
         await settle(args, topology)
 
-        ingress = await closed_loop(port, requests, args.concurrency, args.duration)
-        print(f"ingress (subprocess)      {ingress.summary()}", flush=True)
+        if wrk:
+            ingress = await wrk_closed_loop(port, requests, args.concurrency, args.duration, wrk)
+        else:
+            ingress = await closed_loop(port, requests, args.concurrency, args.duration)
+        print(f"ingress ({closed_client:13}) {ingress.summary()}", flush=True)
         await settle(args, topology)
 
         half_rate = ingress.rate / 2
@@ -374,6 +477,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds between phases")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
+                        help="closed-loop load client: wrk when installed (auto), or the Python one")
     parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     parser.add_argument("--rabbitmq-url", default=os.environ.get(
         "AUTHNOTIFY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
