@@ -8,10 +8,14 @@ picks the routing key (anything unreadable goes to ``{provider}.unknown``, kept 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gc
 import os
 import signal
 import socket
+import time
+from datetime import UTC, datetime
 from random import getrandbits
 from typing import Any
 
@@ -39,7 +43,7 @@ from shared.broker import Broker
 from shared.config import PROVIDERS, ProviderConfig, Settings
 from shared.logging import get_logger
 from shared.metrics import BROKER_CONNECTED, INGRESS_INFLIGHT, NOTIFICATIONS_RECEIVED, render_metrics
-from shared.signature import verify_signature_header
+from shared.signature import ALGORITHM, SignatureHeader, signed_content, verify_signature, verify_signature_header
 from shared.topology import build_topology, notification_routing_key
 
 log = get_logger("authnotify.ingress")
@@ -117,10 +121,8 @@ class NotificationEndpoint:
             return self._answer(INVALID_CLIENT, message_id,
                                 "missing Client-Id" if client_id is None else "unknown Client-Id")
         request_time = headers.get("Request-Time")
-        if not request_time or not verify_signature_header(
-            config.alipay_public_keys, headers.get("Signature"),
-            method="POST", path=self.path, client_id=client_id, time=request_time, body=body,
-        ):
+        if not request_time or not _verify(config, headers.get("Signature"), self.path, client_id,
+                                           request_time, body):
             return self._answer(INVALID_SIGNATURE, message_id,
                                 "missing Request-Time" if not request_time else "signature does not verify")
 
@@ -135,7 +137,7 @@ class NotificationEndpoint:
                 headers={
                     messages.PROVIDER: self.provider,
                     messages.NOTIFY_TYPE: routing_key.partition(".")[2],
-                    messages.RECEIVED_AT: messages.utc_now_iso(),
+                    messages.RECEIVED_AT: received_at(),
                     messages.ATTEMPT: 1,
                 },
             )
@@ -153,6 +155,50 @@ _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 def new_message_id() -> str:
     """A random (version 4) UUID as 32 hex digits; uuid.uuid4() costs a getrandom syscall per call."""
     return f"{(getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
+
+
+_CANONICAL_SIGNATURE_PREFIX = "algorithm=RSA256,keyVersion="
+_SIGNATURE_PART = ",signature="
+# A base64 signature URL-encoded (sign_content's quote(..., safe="")) has only these escapes.
+_BASE64_ESCAPES = (("%2B", "+"), ("%2F", "/"), ("%3D", "="))
+
+
+def _verify(config: ProviderConfig, header: str | None, path: str, client_id: str, request_time: str,
+            body: bytes) -> bool:
+    """verify_signature_header with a fast path for the header exactly as Alipay writes it
+    (``algorithm=RSA256,keyVersion=N,signature=<URL-encoded base64>``): the general parser and
+    urllib's unquote cost about 10 µs a request. Anything else goes the general, lenient way."""
+    if header is not None and header.startswith(_CANONICAL_SIGNATURE_PREFIX):
+        version, found, encoded = header[len(_CANONICAL_SIGNATURE_PREFIX):].partition(_SIGNATURE_PART)
+        if found and version.isdigit() and encoded and "," not in encoded and " " not in encoded:
+            for escaped, plain in _BASE64_ESCAPES:
+                encoded = encoded.replace(escaped, plain)
+            if "%" not in encoded:
+                try:
+                    raw = base64.b64decode(encoded, validate=True)
+                except (binascii.Error, ValueError):
+                    return False
+                return verify_signature(
+                    config.alipay_public_keys, SignatureHeader(ALGORITHM, version, raw),
+                    signed_content("POST", path, client_id, request_time, body),
+                )
+    return verify_signature_header(config.alipay_public_keys, header, method="POST", path=path,
+                                   client_id=client_id, time=request_time, body=body)
+
+
+_received_second = -1
+_received_prefix = ""
+
+
+def received_at() -> str:
+    """messages.utc_now_iso() (ISO UTC, milliseconds, "Z"), formatting the date and time once a second."""
+    global _received_second, _received_prefix
+    now = time.time()
+    second = int(now)
+    if second != _received_second:
+        _received_prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _received_second = second
+    return f"{_received_prefix}{int((now - second) * 1000):03d}Z"
 
 
 def _notify_type(body: bytes) -> str | None:

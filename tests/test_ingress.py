@@ -467,3 +467,33 @@ async def test_header_bytes_that_are_not_utf8_are_refused_not_crashed_on(
         assert status_line.startswith(b"HTTP/1.1 401"), (name, answer[:200])
         assert orjson.loads(rest.split(b"\r\n\r\n", 1)[1])["result"]["resultCode"] == code
     assert await message_counts(amqp_connection, ingress.topology) == {}
+
+
+def test_signature_fast_path_agrees_with_the_general_parser(make_settings: Callable[..., Settings],
+                                                          keys: Keys) -> None:
+    """The ingress's fast path for Alipay's canonical Signature header decides like the lenient parser."""
+    from ingress.app import _verify
+    from shared.signature import format_signature_header, sign_content, signed_content, verify_signature_header
+
+    config = make_settings().provider("ams")
+    assert config is not None
+    path, client_id, request_time, body = "/ams/notifyAuthorization", config.client_id, "1700000000000", b"{}"
+    encoded = sign_content(keys.alipay.private_key, signed_content("POST", path, client_id, request_time, body))
+    assert "%" in encoded  # the URL-encoded form, as Alipay sends it
+    canonical = format_signature_header(encoded)
+    lenient = f" Algorithm=rsa256 , KEYVERSION=1, signature={encoded.replace('%2F', '/')} "
+    for header, expected in [
+        (canonical, True),
+        (lenient, True),
+        # another key version: whatever the key ring decides, both paths decide the same
+        (canonical.replace("keyVersion=1", "keyVersion=9"), None),
+        (canonical[:-8] + "%21%21%21", False),  # not base64
+        (format_signature_header(encoded, "x"), None),  # not a number: the general parser decides
+        ("algorithm=RSA256,keyVersion=1,signature=", False),
+        (None, False),
+    ]:
+        general = verify_signature_header(config.alipay_public_keys, header, method="POST", path=path,
+                                          client_id=client_id, time=request_time, body=body)
+        assert expected is None or general is expected, header
+        assert _verify(config, header, path, client_id, request_time, body) is general, header
+        assert _verify(config, header, path, client_id, request_time, body + b" ") is False
