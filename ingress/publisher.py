@@ -112,7 +112,13 @@ class NotificationPublisher:
         # until it closes: a reconnect replaces it, and asking the robust channel costs a coroutine each time.
         underlay = self._underlay
         if underlay is None or underlay.is_closed:
-            underlay = self._underlay = await channel.get_underlay_channel()
+            try:  # the robust channel waits for a reconnect here: bounded like the confirm
+                async with asyncio.timeout(self._confirm_timeout):
+                    underlay = self._underlay = await channel.get_underlay_channel()
+            except TimeoutError:
+                raise PublishFailed("broker unavailable") from None
+            except Exception as exc:
+                raise PublishFailed(f"publish failed: {type(exc).__name__}") from None
         # Properties built directly: aio_pika.Message costs ~100 µs more per publish for the same frame.
         properties = spec.Basic.Properties(
             message_id=message_id,
