@@ -24,6 +24,16 @@ from shared.topology import build_topology, delete_topology
 
 RABBITMQ_ENV = "AUTHNOTIFY_TEST_RABBITMQ_URL"
 DATABASE_ENV = "AUTHNOTIFY_TEST_DATABASE_URL"
+QUEUE_TYPE_ENV = "AUTHNOTIFY_TEST_QUEUE_TYPE"
+
+# Tests run on classic queues unless they ask for quorum (or AUTHNOTIFY_TEST_QUEUE_TYPE says so). RabbitMQ
+# 3.10.8 has a bug: deleting a quorum queue with at-least-once dead-lettering can crash its dead-letter worker
+# in a restart loop that stops the broker's whole dead-letter supervisor, after which no such queue can be
+# declared (INTERNAL_ERROR) until the broker application restarts. Production never deletes its queues; tests
+# delete a namespace per test. So quorum namespaces are deleted only when the session ends (below), and the
+# quorum behaviour is proven by the tests that ask for it (tests/test_topology.py and others).
+DEFAULT_TEST_QUEUE_TYPE = os.environ.get(QUEUE_TYPE_ENV, "classic")
+_quorum_topologies_to_delete: list[tuple[str, Any]] = []
 
 
 def _docker_available() -> bool:
@@ -116,7 +126,8 @@ async def make_settings(
 ) -> AsyncIterator[Callable[..., Settings]]:
     """Settings for this test's namespace, both providers configured; keyword arguments override.
 
-    Every topology these settings describe is deleted after the test, on a fresh connection.
+    Every topology these settings describe is deleted on a fresh connection: classic ones after the test,
+    quorum ones when the session ends (see DEFAULT_TEST_QUEUE_TYPE).
     """
     made: list[Settings] = []
 
@@ -124,7 +135,7 @@ async def make_settings(
         values: dict[str, Any] = {
             "rabbitmq_url": rabbitmq_url,
             "namespace": namespace,
-            "queue_type": "quorum",
+            "queue_type": DEFAULT_TEST_QUEUE_TYPE,
             "database_url": f"sqlite+aiosqlite:///{tmp_path}/authnotify.db",
             "http_host": "127.0.0.1",
             "worker_http_port": 0,
@@ -145,14 +156,33 @@ async def make_settings(
     yield factory
 
     topologies = {build_topology(s) for s in made}
-    if not topologies:
-        return
+    classic = [t for t in topologies if t.queue_type.value == "classic"]
+    _quorum_topologies_to_delete.extend((rabbitmq_url, t) for t in topologies if t.queue_type.value == "quorum")
+    if classic:
+        await _delete_topologies(rabbitmq_url, classic)
+
+
+async def _delete_topologies(rabbitmq_url: str, topologies: Any) -> None:
     connection = await aio_pika.connect(rabbitmq_url)
     async with connection:
         for topology in topologies:
             channel = await connection.channel()
             await delete_topology(channel, topology)
             await channel.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Deletes the quorum namespaces the tests declared, once no test needs the broker any more."""
+    import asyncio
+
+    by_url: dict[str, list[Any]] = {}
+    for url, topology in _quorum_topologies_to_delete:
+        by_url.setdefault(url, []).append(topology)
+    for url, topologies in by_url.items():
+        try:
+            asyncio.run(_delete_topologies(url, set(topologies)))
+        except Exception as exc:  # cleanup only: say so, never fail the run for it
+            print(f"\nleft quorum test queues behind ({type(exc).__name__}: {exc})")
 
 
 @pytest.fixture

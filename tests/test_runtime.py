@@ -272,10 +272,11 @@ async def test_parse_error_is_permanent_and_reason_names_the_rule(
     assert recorder.contexts == []
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_transient_error_is_retried_after_each_delay_then_dead_lettered(
-    make_settings, amqp_connection, run_runtime
+    make_settings, amqp_connection, run_runtime, queue_type: str
 ) -> None:
-    settings = make_settings(retry_delays=FAST_RETRIES)
+    settings = make_settings(retry_delays=FAST_RETRIES, queue_type=queue_type)
     topology = build_topology(settings)
 
     async def fail(context: MessageContext) -> None:
