@@ -39,8 +39,10 @@ class Result:
 
 
 @pytest.fixture
-async def setup(make_settings, amqp_connection) -> tuple[Settings, Topology]:
-    settings = make_settings(retry_delays="200ms,400ms")
+async def setup(make_settings, amqp_connection, request: pytest.FixtureRequest) -> tuple[Settings, Topology]:
+    # A test may ask for quorum queues with @pytest.mark.parametrize("queue_type", [...]).
+    queue_type = request.getfixturevalue("queue_type") if "queue_type" in request.fixturenames else None
+    settings = make_settings(retry_delays="200ms,400ms", **({"queue_type": queue_type} if queue_type else {}))
     topology = build_topology(settings)
     channel = await amqp_connection.channel()
     await declare_topology(channel, topology)
@@ -136,7 +138,8 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = WA
 # --- list -------------------------------------------------------------------------------------------
 
 
-async def test_list_json_shape_and_leaves_the_dlq_intact_in_order(setup, amqp_connection, tmp_path) -> None:
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_list_json_shape_and_leaves_the_dlq_intact_in_order(setup, amqp_connection, tmp_path, queue_type) -> None:
     settings, topology = setup
     ids = await put_dead(amqp_connection, topology, Consumer.AUTHCODE_CREATED, 5)
     canceled = await put_dead(amqp_connection, topology, Consumer.TOKEN_CANCELED, 1, reason="bad body")
