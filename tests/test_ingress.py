@@ -312,11 +312,12 @@ async def test_a_publish_the_broker_nacks_answers_503_and_only_acknowledged_ones
     namespace: str, start: Any, http: aiohttp.ClientSession, keys: Keys,
     amqp_connection: aio_pika.abc.AbstractConnection,
 ) -> None:
-    # A policy on this namespace's queue only: past max-length, reject-publish makes the broker nack.
+    # A policy on this namespace's queue only: past max-length, reject-publish makes the broker nack
+    # (whatever the queue type: quorum queues declare reject-publish themselves, classic ones get it here).
     # (A quorum queue checks the limit before it enqueues, so it can take one message over the limit.)
     policy = f"{namespace}-full"
     await asyncio.to_thread(_rabbitmqctl, "set_policy", "--apply-to", "queues", policy,
-                            f"^{namespace}\\.token-created$", '{"max-length": 1}')
+                            f"^{namespace}\\.token-created$", '{"max-length": 1, "overflow": "reject-publish"}')
     try:
         ingress = await start()
         case = PROVIDER_CASES[1]
