@@ -38,7 +38,7 @@ def _consumer_name(value: str) -> str:
     return value
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_replay = dlq_commands.add_parser("replay", help="move dead-lettered messages back")
     dlq_replay.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE")
     dlq_replay.add_argument("--id", dest="ids", action="append", default=[], metavar="ID")
-    dlq_replay.add_argument("--limit", type=_positive_int, metavar="N")
+    dlq_replay.add_argument("--limit", type=positive_int, metavar="N")
     dlq_replay.add_argument("--dry-run", action="store_true")
     dlq_replay.add_argument("--json", action="store_true")
     dlq_purge = dlq_commands.add_parser("purge", help="delete dead-lettered messages")

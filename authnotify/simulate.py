@@ -38,10 +38,12 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from authnotify.cli import positive_int
+from ingress.app import NOTIFY_PATHS
+
 RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 54000.0)  # seed 001
 SCENARIOS = ("lifecycle", "authcode-created", "token-created", "token-canceled", "duplicates", "retry-pattern")
 NOTIFY_TYPES = ("AUTHCODE_CREATED", "TOKEN_CREATED", "TOKEN_CANCELED")
-NOTIFY_PATHS = {"ams": "/ams/notifyAuthorization", "aps": "/aps/api/v1/authorizations/authNotify"}
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DEV_DIR = ".authnotify"
 ACTIVATION_WAIT_SECONDS = 30.0
@@ -72,16 +74,6 @@ class SimulateSettings(BaseSettings):
     simulate_public_key: str | None = None  # ours: verifies the ingress's answers
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
 def _non_negative_float(value: str) -> float:
     try:
         number = float(value)
@@ -105,15 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="the ingress base URL (default: the running `authnotify dev`'s, "
                                       f"else $AUTHNOTIFY_SIMULATE_URL, else {DEFAULT_URL})")
     parser.add_argument("--provider", choices=("ams", "aps", "both"), default="both")
-    parser.add_argument("--count", type=_positive_int, default=1,
+    parser.add_argument("--count", type=positive_int, default=1,
                         help="notifications (lifecycles) per provider (default 1)")
     parser.add_argument("--rate", type=_non_negative_float, default=0.0,
                         help="at most this many notifications a second (default 0: as fast as allowed)")
-    parser.add_argument("--concurrency", type=_positive_int, default=32,
+    parser.add_argument("--concurrency", type=positive_int, default=32,
                         help="requests in flight at once (default 32)")
     parser.add_argument("--type", dest="notify_type", choices=NOTIFY_TYPES, default="TOKEN_CREATED",
                         help="the notification duplicates and retry-pattern send (default TOKEN_CREATED)")
-    parser.add_argument("--repeat", type=_positive_int, default=3,
+    parser.add_argument("--repeat", type=positive_int, default=3,
                         help="duplicates: sends of each notification (default 3)")
     parser.add_argument("--time-scale", type=_positive_float, default=3600.0,
                         help="retry-pattern: divide Alipay's schedule by this (default 3600: 1h -> 1s)")
