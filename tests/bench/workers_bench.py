@@ -18,8 +18,15 @@ consumer's queue, then ONE worker consumes them **in this process** (``WorkerRun
 * ``merchant-events``: ``authorization.activated`` events POSTed, signed, to the merchant endpoint.
 * ``e2e``: ``authnotify ingress`` and ``authnotify worker token-created merchant-events`` as subprocesses
   (PostgreSQL), driven closed-loop at ``--concurrency`` with signed TOKEN_CREATED notifications (AMS and
-  Alipay+ alternately); notifications/s from the first send to the last delivery at the merchant, and
-  end-to-end latency = merchant received - request sent.
+  Alipay+ alternately); notifications/s from the first send to the last delivery at the merchant. This is the
+  THROUGHPUT figure: the client sends faster than one worker drains, so its latency is mostly time spent
+  queued behind the backlog, not a notification's time through the pipeline. ``--only e2e`` also runs:
+* ``e2e-open``: the same subprocesses (started once for both phases), driven open-loop: signed TOKEN_CREATED
+  notifications at a fixed ``--e2e-rate`` (default: half the closed-loop end-to-end throughput of this run, or
+  100/s without it) whatever the answers do, for ``--e2e-open-messages`` (default ``--e2e-open-seconds``
+  worth). This is the LATENCY figure: merchant received - scheduled send time, per notification (matched by
+  accessTokenFingerprint), so a late send still counts. A few notifications go through first, unmeasured, so
+  a fresh pipeline is warm.
 
 Goal: token-created (PostgreSQL) and merchant-events >= 1,000 messages/s with one process and >= 0.5 x the bare
 consumer. The machine is shared: compare ratios within one run, not absolute figures across runs.
@@ -66,7 +73,10 @@ from shared.topology import (
     notification_routing_key,
 )
 
-PHASES = ("bare", "sqlite", "postgresql", "merchant-events", "e2e")
+PHASES = ("bare", "sqlite", "postgresql", "merchant-events", "e2e", "e2e-open")
+IMPLIED = {"e2e": ("e2e-open",)}  # --only e2e runs both end-to-end phases
+OPEN_LOOP_DEFAULT_RATE = 100.0  # notifications/s when there is no closed-loop throughput to halve
+OPEN_LOOP_WARMUP = 50  # notifications through the pipeline before the open loop's clock starts
 AMS_PATH, APS_PATH = "/ams/notifyAuthorization", "/aps/api/v1/authorizations/authNotify"
 AMS_CLIENT_ID, APS_CLIENT_ID = "SANDBOX_BENCH_AMS", "2188120000000000"
 PRELOAD_WINDOW = 500  # unconfirmed publishes in flight while pre-loading
@@ -373,71 +383,215 @@ class EndToEnd:
     ingress_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
 
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.seconds if self.seconds else 0.0
+
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+        return _percentile(self.latencies, q)
 
 
-async def end_to_end(args: argparse.Namespace, env: dict[str, str], merchant: MerchantProcess) -> EndToEnd:
-    from tests.bench.ingress_bench import connect, free_port, signed_requests, wait_ready
+def _percentile(values: list[float], q: float) -> float:
+    """Milliseconds; q=1.0 is the maximum."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
-    alipay_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    our_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    port = free_port()
-    env = {**env,
-           "AUTHNOTIFY_HTTP_HOST": "127.0.0.1", "AUTHNOTIFY_HTTP_PORT": str(port),
-           "AUTHNOTIFY_AMS_CLIENT_ID": AMS_CLIENT_ID, "AUTHNOTIFY_APS_CLIENT_ID": APS_CLIENT_ID,
-           "AUTHNOTIFY_AMS_PRIVATE_KEY": private_key_pem(our_key),
-           "AUTHNOTIFY_APS_PRIVATE_KEY": private_key_pem(our_key),
-           "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
-           "AUTHNOTIFY_APS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
-           "AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO": "ALIPAY_CN"}
-    tokens = [new_token() for _ in range(args.e2e_messages)]
-    # signed_requests alternates AMS (even) and Alipay+ (odd) paths: bodies follow the same order.
-    bodies = [ams_token_created(t) if i % 2 == 0 else aps_token_created(t) for i, t in enumerate(tokens)]
-    print(f"  signing {len(bodies)} notifications before the clock starts ...", flush=True)
-    requests = signed_requests(alipay_key, port, bodies)
-    fingerprints = [access_token_fingerprint(t) for t in tokens]
 
-    quiet = {"stdout": asyncio.subprocess.DEVNULL, "stderr": asyncio.subprocess.DEVNULL}
-    ingress = await asyncio.create_subprocess_exec(sys.executable, "-m", "authnotify.cli", "ingress", env=env, **quiet)
-    worker_env = {**env, "AUTHNOTIFY_WORKER_HTTP_PORT": str(free_port())}
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", "worker", "token-created", "merchant-events", env=worker_env, **quiet)
+@dataclass
+class Pipeline:
+    """``authnotify ingress`` and ``authnotify worker token-created merchant-events``, as in production."""
+
+    port: int
+    alipay_key: rsa.RSAPrivateKey
+    ingress: asyncio.subprocess.Process
+    worker: asyncio.subprocess.Process
+
+    @classmethod
+    async def start(cls, env: dict[str, str]) -> Pipeline:
+        from tests.bench.ingress_bench import free_port, wait_ready
+
+        alipay_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        our_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        port = free_port()
+        env = {**env,
+               "AUTHNOTIFY_HTTP_HOST": "127.0.0.1", "AUTHNOTIFY_HTTP_PORT": str(port),
+               "AUTHNOTIFY_AMS_CLIENT_ID": AMS_CLIENT_ID, "AUTHNOTIFY_APS_CLIENT_ID": APS_CLIENT_ID,
+               "AUTHNOTIFY_AMS_PRIVATE_KEY": private_key_pem(our_key),
+               "AUTHNOTIFY_APS_PRIVATE_KEY": private_key_pem(our_key),
+               "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
+               "AUTHNOTIFY_APS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
+               "AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO": "ALIPAY_CN"}
+        quiet = {"stdout": asyncio.subprocess.DEVNULL, "stderr": asyncio.subprocess.DEVNULL}
+        ingress = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "authnotify.cli", "ingress", env=env, **quiet)
+        worker_env = {**env, "AUTHNOTIFY_WORKER_HTTP_PORT": str(free_port())}
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "authnotify.cli", "worker", "token-created", "merchant-events",
+            env=worker_env, **quiet)
+        pipeline = cls(port, alipay_key, ingress, worker)
+        try:
+            await wait_ready(port, ingress)
+            await wait_ready(int(worker_env["AUTHNOTIFY_WORKER_HTTP_PORT"]), worker)
+        except BaseException:
+            await pipeline.stop()
+            raise
+        return pipeline
+
+    def notifications(self, count: int) -> tuple[list[bytes], list[str]]:
+        """``count`` signed TOKEN_CREATED requests (AMS and Alipay+ alternately), and their fingerprints."""
+        from tests.bench.ingress_bench import signed_requests
+
+        tokens = [new_token() for _ in range(count)]
+        # signed_requests alternates AMS (even) and Alipay+ (odd) paths: bodies follow the same order.
+        bodies = [ams_token_created(t) if i % 2 == 0 else aps_token_created(t) for i, t in enumerate(tokens)]
+        return signed_requests(self.alipay_key, self.port, bodies), [access_token_fingerprint(t) for t in tokens]
+
+    async def stop(self) -> None:
+        await _terminate(self.ingress)
+        await _terminate(self.worker)
+
+
+async def closed_loop_e2e(args: argparse.Namespace, pipeline: Pipeline, merchant: MerchantProcess) -> EndToEnd:
+    from tests.bench.ingress_bench import connect
+
+    print(f"  closed loop: signing {args.e2e_messages} notifications before the clock starts ...", flush=True)
+    requests, fingerprints = pipeline.notifications(args.e2e_messages)
     result = EndToEnd()
-    try:
-        await wait_ready(port, ingress)
-        await wait_ready(int(worker_env["AUTHNOTIFY_WORKER_HTTP_PORT"]), worker)
-        merchant.reset()
-        connections = [await connect(port) for _ in range(args.concurrency)]
-        sent_at: dict[str, float] = {}
-        statuses: dict[int, int] = {}
+    merchant.reset()
+    connections = [await connect(pipeline.port) for _ in range(args.concurrency)]
+    sent_at: dict[str, float] = {}
+    statuses: dict[int, int] = {}
 
-        async def drive(offset: int) -> None:
-            connection = connections[offset]
-            for index in range(offset, len(requests), args.concurrency):
-                sent_at[fingerprints[index]] = time.monotonic()
-                status = await connection.request(requests[index])
-                statuses[status] = statuses.get(status, 0) + 1
+    async def drive(offset: int) -> None:
+        connection = connections[offset]
+        for index in range(offset, len(requests), args.concurrency):
+            sent_at[fingerprints[index]] = time.monotonic()
+            status = await connection.request(requests[index])
+            statuses[status] = statuses.get(status, 0) + 1
 
-        started = time.monotonic()
-        await asyncio.gather(*(drive(i) for i in range(args.concurrency)))
-        result.ingress_seconds = time.monotonic() - started
-        result.sent = len(requests)
-        result.acknowledged = statuses.get(200, 0)
-        if result.acknowledged != result.sent:
-            print(f"  ingress answers: {statuses}", flush=True)
-        await merchant.wait_for(result.acknowledged, args.timeout)
-        for connection in connections:
+    started = time.monotonic()
+    await asyncio.gather(*(drive(i) for i in range(args.concurrency)))
+    result.ingress_seconds = time.monotonic() - started
+    result.sent = len(requests)
+    result.acknowledged = statuses.get(200, 0)
+    if result.acknowledged != result.sent:
+        print(f"  ingress answers: {statuses}", flush=True)
+    await merchant.wait_for(result.acknowledged, args.timeout)
+    for connection in connections:
+        assert connection.transport is not None
+        connection.transport.close()
+    received = {fp: at for fp, at in merchant.received.items() if fp in sent_at}
+    result.delivered = len(received)
+    result.seconds = max(received.values()) - started
+    result.latencies = [at - sent_at[fp] for fp, at in received.items()]
+    return result
+
+
+@dataclass
+class OpenLoop:
+    target_rate: float
+    sent: int = 0
+    answers: dict[int, int] = field(default_factory=dict)
+    delivered: int = 0
+    send_seconds: float = 0.0  # first request written -> last request written
+    seconds: float = 0.0  # first scheduled send -> last delivery at the merchant
+    max_send_lag: float = 0.0  # how far behind its schedule the client ever wrote a request
+    connections: int = 0
+    latencies: list[float] = field(default_factory=list)  # merchant received - scheduled send
+    ack_latencies: list[float] = field(default_factory=list)  # ingress answered - scheduled send
+
+    @property
+    def acknowledged(self) -> int:
+        return self.answers.get(200, 0)
+
+    @property
+    def send_rate(self) -> float:
+        return (self.sent - 1) / self.send_seconds if self.send_seconds and self.sent > 1 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return _percentile(self.latencies, q)
+
+
+async def open_loop_e2e(args: argparse.Namespace, pipeline: Pipeline, merchant: MerchantProcess, rate: float,
+                        count: int) -> OpenLoop:
+    """Writes request i at start + i/rate whatever the answers do (a new keep-alive connection when every open
+    one awaits its answer); latency counts from that scheduled time, so the client's lateness is included."""
+    from tests.bench.ingress_bench import PacedConnection, connect
+
+    print(f"  open loop: signing {OPEN_LOOP_WARMUP} + {count} notifications before the clock starts ...",
+          flush=True)
+    requests, fingerprints = pipeline.notifications(OPEN_LOOP_WARMUP + count)
+
+    # Warm-up, unmeasured: a pipeline started for this phase alone pays its first connections and queries here.
+    merchant.reset()
+    warm = [await connect(pipeline.port) for _ in range(4)]
+
+    async def warm_up(offset: int) -> None:
+        for index in range(offset, OPEN_LOOP_WARMUP, len(warm)):
+            await warm[offset].request(requests[index])
+
+    await asyncio.gather(*(warm_up(i) for i in range(len(warm))))
+    for connection in warm:
+        assert connection.transport is not None
+        connection.transport.close()
+    await merchant.wait_for(OPEN_LOOP_WARMUP, args.timeout)
+    requests, fingerprints = requests[OPEN_LOOP_WARMUP:], fingerprints[OPEN_LOOP_WARMUP:]
+    merchant.reset()
+
+    loop = asyncio.get_running_loop()
+    result = OpenLoop(target_rate=rate)
+    idle: list[PacedConnection] = []
+    opened: list[PacedConnection] = []
+    finished: asyncio.Future[None] = loop.create_future()
+    now = time.monotonic  # the merchant process stamps arrivals with the same (system-wide) clock
+
+    def on_answer(connection: PacedConnection, status: int) -> None:
+        result.ack_latencies.append(now() - connection.scheduled)
+        result.answers[status] = result.answers.get(status, 0) + 1
+        idle.append(connection)
+        if len(result.ack_latencies) == count and not finished.done():
+            finished.set_result(None)
+
+    async def open_connection() -> PacedConnection:
+        _, protocol = await loop.create_connection(lambda: PacedConnection(on_answer), "127.0.0.1", pipeline.port)
+        opened.append(protocol)
+        return protocol
+
+    idle.extend([await open_connection() for _ in range(min(32, count))])
+    sent_at: dict[str, float] = {}
+    started = now()
+    first_write = last_write = started
+    index = 0
+    while index < count:
+        current = now()
+        while index < count and started + index / rate <= current:
+            connection = idle.pop() if idle else await open_connection()
+            scheduled = started + index / rate
+            connection.scheduled = scheduled
+            sent_at[fingerprints[index]] = scheduled
             assert connection.transport is not None
+            connection.transport.write(requests[index])
+            last_write = now()
+            if index == 0:
+                first_write = last_write
+            result.max_send_lag = max(result.max_send_lag, last_write - scheduled)
+            index += 1
+        if index < count:
+            await asyncio.sleep(max(0.0, started + index / rate - now()))
+    result.sent = count
+    result.send_seconds = last_write - first_write
+    result.connections = len(opened)
+    await asyncio.wait_for(finished, args.timeout)
+    if result.acknowledged != result.sent:
+        print(f"  ingress answers: {result.answers}", flush=True)
+    await merchant.wait_for(result.acknowledged, args.timeout)
+    for connection in opened:
+        if connection.transport is not None:
             connection.transport.close()
-        received = {fp: at for fp, at in merchant.received.items() if fp in sent_at}
-        result.delivered = len(received)
-        result.seconds = max(received.values()) - started
-        result.latencies = [at - sent_at[fp] for fp, at in received.items()]
-    finally:
-        await _terminate(ingress)
-        await _terminate(worker)
+    received = {fp: at for fp, at in merchant.received.items() if fp in sent_at}
+    result.delivered = len(received)
+    result.seconds = max(received.values()) - started if received else 0.0
+    result.latencies = [at - sent_at[fp] for fp, at in received.items()]
     return result
 
 
@@ -479,23 +633,37 @@ def quiet_logs() -> None:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=open(os.devnull, "w")))  # noqa: SIM115
 
 
-def print_table(drains: dict[str, Drain], e2e: EndToEnd | None, args: argparse.Namespace) -> None:
+def print_table(drains: dict[str, Drain], e2e: EndToEnd | None, e2e_open: OpenLoop | None,
+                args: argparse.Namespace) -> None:
     bare = drains.get("bare")
-    print()
-    print(f"{'phase':34} {'how':32} {'msgs':>6} {'msg/s':>8} {'x bare':>7} {'CPU ms/msg':>10}  outcomes")
+    if drains:
+        print()
+        print(f"{'phase':34} {'how':32} {'msgs':>6} {'msg/s':>8} {'x bare':>7} {'CPU ms/msg':>10}  outcomes")
     for key, drain in drains.items():
         ratio = f"{drain.rate / bare.rate:7.2f}" if bare and bare.rate and key != "bare" else f"{'':>7}"
         cpu = drain.cpu_seconds * 1000 / drain.messages if drain.messages else float("nan")
         outcomes = ",".join(f"{k}={v}" for k, v in sorted(drain.outcomes.items())) or "-"
         print(f"{drain.name:34} {drain.how:32} {drain.messages:6d} {drain.rate:8.0f} {ratio} {cpu:10.3f}  {outcomes}")
-    if e2e is not None:
+    if e2e is not None or e2e_open is not None:
         print()
-        print(f"end to end (ingress -> worker token-created+merchant-events -> merchant, subprocesses, PostgreSQL, "
-              f"concurrency {args.concurrency}):")
-        print(f"  {e2e.delivered} of {e2e.sent} notifications delivered ({e2e.acknowledged} acknowledged by the "
+        print("end to end (ingress -> worker token-created+merchant-events -> merchant, subprocesses, PostgreSQL):")
+    if e2e is not None:
+        print(f"  closed loop, concurrency {args.concurrency}: THROUGHPUT")
+        print(f"    {e2e.delivered} of {e2e.sent} notifications delivered ({e2e.acknowledged} acknowledged by the "
               f"ingress at {e2e.acknowledged / e2e.ingress_seconds:.0f}/s)")
-        print(f"  {e2e.delivered / e2e.seconds if e2e.seconds else 0:.0f} notifications/s end to end   "
-              f"latency p50 {e2e.percentile(0.5):.1f} ms   p99 {e2e.percentile(0.99):.1f} ms")
+        print(f"    {e2e.rate:.0f} notifications/s end to end   (latency p50 {e2e.percentile(0.5):.1f} ms   "
+              f"p99 {e2e.percentile(0.99):.1f} ms: time queued behind the backlog, not pipeline latency)")
+    if e2e_open is not None:
+        o = e2e_open
+        print(f"  open loop at {o.target_rate:.0f}/s: LATENCY (merchant received - scheduled send)")
+        print(f"    sent {o.sent} at {o.send_rate:.1f}/s (target {o.target_rate:.1f}/s, client at most "
+              f"{o.max_send_lag * 1000:.1f} ms behind schedule, {o.connections} connections); "
+              f"{o.acknowledged} acknowledged by the ingress (p50 {_percentile(o.ack_latencies, 0.5):.1f} ms, "
+              f"p99 {_percentile(o.ack_latencies, 0.99):.1f} ms)")
+        print(f"    {o.delivered} of {o.sent} delivered, "
+              f"{o.delivered / o.seconds if o.seconds else 0:.1f}/s first send to last delivery")
+        print(f"    latency p50 {o.percentile(0.5):.1f} ms   p99 {o.percentile(0.99):.1f} ms   "
+              f"max {o.percentile(1.0):.1f} ms")
     print()
     for key in ("postgresql", "merchant-events"):
         drain = drains.get(key)
@@ -508,7 +676,8 @@ def print_table(drains: dict[str, Drain], e2e: EndToEnd | None, args: argparse.N
 
 
 async def main(args: argparse.Namespace) -> int:
-    only = [phase for phase in PHASES if phase in args.only]
+    asked = set(args.only) | {implied for phase in args.only for implied in IMPLIED.get(phase, ())}
+    only = [phase for phase in PHASES if phase in asked]
     namespace = f"wbench{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="workers-bench-"))
     database_name = f"authnotify_bench_{uuid.uuid4().hex[:10]}"
@@ -530,8 +699,10 @@ async def main(args: argparse.Namespace) -> int:
     topology = Topology(namespace=namespace, queue_type=QueueType(args.queue_type), retry_delays=(1.0,))
     drains: dict[str, Drain] = {}
     e2e: EndToEnd | None = None
+    e2e_open: OpenLoop | None = None
+    pipeline: Pipeline | None = None  # started by the first end-to-end phase, shared by both
     try:
-        if {"postgresql", "e2e"} & set(only):
+        if {"postgresql", "e2e", "e2e-open"} & set(only):
             postgres_url = await create_database(args.database_url, database_name)
         connection = await aio_pika.connect(args.rabbitmq_url)
         async with connection:
@@ -562,21 +733,35 @@ async def main(args: argparse.Namespace) -> int:
                                                    "merchant-events", args.timeout)
                 if len(merchant.received) < drains[phase].messages or merchant.refused:
                     print(f"  merchant saw {len(merchant.received)} verified deliveries, refused {merchant.refused}")
-            elif phase == "e2e":
-                print("end to end: starting ingress and worker subprocesses ...", flush=True)
-                env = {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
-                env.update({
-                    "AUTHNOTIFY_RABBITMQ_URL": args.rabbitmq_url, "AUTHNOTIFY_NAMESPACE": namespace,
-                    "AUTHNOTIFY_QUEUE_TYPE": args.queue_type, "AUTHNOTIFY_RETRY_DELAYS": "1s",
-                    "AUTHNOTIFY_DATABASE_URL": postgres_url or "", "AUTHNOTIFY_TOKEN_KEYS": token_keys,
-                    "AUTHNOTIFY_MERCHANTS_FILE": str(workdir / "merchants.toml"),
-                })
-                e2e = await end_to_end(args, env, merchant)
+            elif phase in ("e2e", "e2e-open"):
+                if pipeline is None:
+                    print("end to end: starting ingress and worker subprocesses ...", flush=True)
+                    env = {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
+                    env.update({
+                        "AUTHNOTIFY_RABBITMQ_URL": args.rabbitmq_url, "AUTHNOTIFY_NAMESPACE": namespace,
+                        "AUTHNOTIFY_QUEUE_TYPE": args.queue_type, "AUTHNOTIFY_RETRY_DELAYS": "1s",
+                        "AUTHNOTIFY_DATABASE_URL": postgres_url or "", "AUTHNOTIFY_TOKEN_KEYS": token_keys,
+                        "AUTHNOTIFY_MERCHANTS_FILE": str(workdir / "merchants.toml"),
+                    })
+                    pipeline = await Pipeline.start(env)
+                if phase == "e2e":
+                    print("end to end, closed loop (throughput) ...", flush=True)
+                    e2e = await closed_loop_e2e(args, pipeline, merchant)
+                    print(f"  {e2e.delivered} delivered in {e2e.seconds:.2f} s = {e2e.rate:.0f}/s", flush=True)
+                else:
+                    rate = args.e2e_rate or (e2e.rate / 2 if e2e is not None and e2e.rate else
+                                             OPEN_LOOP_DEFAULT_RATE)
+                    count = args.e2e_open_messages or max(1, round(rate * args.e2e_open_seconds))
+                    print(f"end to end, open loop at {rate:.1f}/s for {count} notifications (latency) ...", flush=True)
+                    e2e_open = await open_loop_e2e(args, pipeline, merchant, rate, count)
+                    print(f"  {e2e_open.delivered} delivered, latency p50 {e2e_open.percentile(0.5):.1f} ms", flush=True)
             if phase in drains:
                 drain = drains[phase]
                 print(f"  {drain.name}: {drain.messages} in {drain.seconds:.2f} s = {drain.rate:.0f}/s", flush=True)
-        print_table(drains, e2e, args)
+        print_table(drains, e2e, e2e_open, args)
     finally:
+        if pipeline is not None:
+            await pipeline.stop()
         await merchant.stop()
         with contextlib.suppress(Exception):
             connection = await aio_pika.connect(args.rabbitmq_url)
@@ -589,13 +774,42 @@ async def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0: {text!r}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="workers_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_000, help="messages pre-loaded per drain")
     parser.add_argument("--only", type=lambda s: [p.strip() for p in s.split(",") if p.strip()],
-                        default=list(PHASES), help=f"comma-separated phases out of {','.join(PHASES)}")
-    parser.add_argument("--e2e-messages", type=int, default=5_000, help="notifications sent end to end")
-    parser.add_argument("--concurrency", type=int, default=32, help="end-to-end requests in flight")
+                        default=list(PHASES), help=f"comma-separated phases out of {','.join(PHASES)} "
+                        "(e2e = both end-to-end phases: closed loop, then open loop; e2e-open = the open loop only)")
+    parser.add_argument("--e2e-messages", type=int, default=5_000,
+                        help="notifications sent end to end by the closed loop")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop end-to-end requests in flight")
+    parser.add_argument("--e2e-rate", type=positive_float, default=None,
+                        help="open-loop notifications/s (default: half the closed-loop end-to-end throughput of "
+                             f"this run, or {OPEN_LOOP_DEFAULT_RATE:g}/s without it)")
+    parser.add_argument("--e2e-open-messages", type=positive_int, default=None,
+                        help="notifications the open loop sends (default: --e2e-open-seconds worth)")
+    parser.add_argument("--e2e-open-seconds", type=positive_float, default=15.0,
+                        help="open-loop duration when --e2e-open-messages is not given")
     parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per phase")
     parser.add_argument("--rabbitmq-url", default=os.environ.get(
