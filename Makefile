@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export AUTHNOTIFY_TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AUTHNOTIFY_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/test
 
-.PHONY: dev test bench bench-ingress bench-workers venv clean
+.PHONY: dev test typecheck bench bench-ingress bench-workers venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ dev: $(STAMP)
 	bash scripts/ensure-rabbitmq.sh
 	$(VENV)/bin/authnotify dev
 
-test: $(STAMP)
+test: typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 bench-ingress: $(STAMP)
 	$(PY) -m tests.bench.ingress_bench $(BENCH_ARGS)

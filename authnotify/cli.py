@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from shared.config import ConfigError, Settings, load_settings
 
@@ -49,7 +49,7 @@ def positive_int(value: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
         raise CommandError(f"{self.prog}: {message}", EXIT_USAGE)
 
 

@@ -134,7 +134,8 @@ class NotificationPublisher:
             # still awaited, and a connection lost before the write fails the confirmation.
             await underlay.basic_publish(
                 body, exchange=self._exchange_name, routing_key=routing_key,
-                properties=properties, mandatory=True, timeout=self._confirm_timeout, wait=False,
+                properties=properties, mandatory=True, timeout=self._confirm_timeout,
+                wait=False,  # type: ignore[call-arg]  # aiormq's Channel has it; its abstract class does not
             )
         except TimeoutError:
             raise PublishFailed(f"no confirm within {self._confirm_timeout:g}s") from None

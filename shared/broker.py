@@ -108,7 +108,7 @@ class Broker:
         )
         if prefetch_count is not None:
             await channel.set_qos(prefetch_count=prefetch_count)
-        return channel  # type: ignore[return-value]
+        return channel
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

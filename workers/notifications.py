@@ -22,8 +22,12 @@ class InvalidNotification(ValueError):
     """The body breaks a field rule; the message is the dead-letter reason (never a secret value)."""
 
 
-def _max(length: int) -> Any:
-    return Annotated[StrictStr, Field(max_length=length)]
+# Strings with the seeds' maximum lengths.
+String32 = Annotated[StrictStr, Field(max_length=32)]
+String64 = Annotated[StrictStr, Field(max_length=64)]
+String128 = Annotated[StrictStr, Field(max_length=128)]
+String256 = Annotated[StrictStr, Field(max_length=256)]
+String20000 = Annotated[StrictStr, Field(max_length=20000)]
 
 
 class _Model(BaseModel):
@@ -31,9 +35,9 @@ class _Model(BaseModel):
 
 
 class Result(_Model):
-    resultCode: _max(64)
+    resultCode: String64
     resultStatus: Literal["S", "F", "U"]
-    resultMessage: _max(256) | None = None
+    resultMessage: String256 | None = None
 
 
 # --- AMS notifyAuthorization (seed 001) -----------------------------------------------------------
@@ -41,15 +45,15 @@ class Result(_Model):
 
 class AmsNotification(_Model):
     provider: Literal["ams"] = "ams"
-    authorizationNotifyType: _max(32)
-    authClientId: _max(64) | None = None
-    accessToken: _max(128) | None = None
-    authState: _max(256) | None = None
-    authCode: _max(64) | None = None
-    reason: _max(256) | None = None
+    authorizationNotifyType: String32
+    authClientId: String64 | None = None
+    accessToken: String128 | None = None
+    authState: String256 | None = None
+    authCode: String64 | None = None
+    reason: String256 | None = None
     result: Result
-    userLoginId: _max(64) | None = None
-    userId: _max(64) | None = None
+    userLoginId: String64 | None = None
+    userId: String64 | None = None
 
     @field_validator("result")
     @classmethod
@@ -62,17 +66,17 @@ class AmsNotification(_Model):
 
 class AmsAuthCodeCreated(AmsNotification):
     authorizationNotifyType: Literal["AUTHCODE_CREATED"]
-    authCode: _max(64)
+    authCode: String64
 
 
 class AmsTokenCreated(AmsNotification):
     authorizationNotifyType: Literal["TOKEN_CREATED"]
-    accessToken: _max(128)
+    accessToken: String128
 
 
 class AmsTokenCanceled(AmsNotification):
     authorizationNotifyType: Literal["TOKEN_CANCELED"]
-    accessToken: _max(128)
+    accessToken: String128
 
 
 # --- Alipay+ authNotify (seed 002) ----------------------------------------------------------------
@@ -91,24 +95,24 @@ class Wallet(_Model):
 
 class ApsNotification(_Model):
     provider: Literal["aps"] = "aps"
-    authorizationNotifyType: _max(32)
-    authClientId: _max(64)
-    referenceMerchantId: _max(32)
-    accessToken: _max(128) | None = None
-    authCode: _max(64) | None = None
-    authState: _max(256) | None = None
-    customerId: _max(64) | None = None
-    userLoginId: _max(64) | None = None
-    referenceAgreementId: _max(64) | None = None
+    authorizationNotifyType: String32
+    authClientId: String64
+    referenceMerchantId: String32
+    accessToken: String128 | None = None
+    authCode: String64 | None = None
+    authState: String256 | None = None
+    customerId: String64 | None = None
+    userLoginId: String64 | None = None
+    referenceAgreementId: String64 | None = None
     accessTokenExpiryTime: datetime | None = None
-    refreshToken: _max(128) | None = None
+    refreshToken: String128 | None = None
     refreshTokenExpiryTime: datetime | None = None
     scopes: list[StrictStr] | None = None
-    pspId: _max(64)
-    acquirerId: _max(64)
-    reason: _max(256) | None = None
+    pspId: String64
+    acquirerId: String64
+    reason: String256 | None = None
     tokenCancelSource: Literal["ACQUIRER", "PSP"] | None = None
-    passThroughInfo: _max(20000) | None = None
+    passThroughInfo: String20000 | None = None
     walletForAccountBinding: Wallet | None = None
 
     @field_validator("accessTokenExpiryTime", "refreshTokenExpiryTime", mode="before")
@@ -128,20 +132,20 @@ class ApsNotification(_Model):
 
 class ApsAuthCodeCreated(ApsNotification):
     authorizationNotifyType: Literal["AUTHCODE_CREATED"]
-    authCode: _max(64)
-    referenceAgreementId: _max(64)
+    authCode: String64
+    referenceAgreementId: String64
 
 
 class ApsTokenCreated(ApsNotification):
     authorizationNotifyType: Literal["TOKEN_CREATED"]
-    accessToken: _max(128)
-    referenceAgreementId: _max(64)
+    accessToken: String128
+    referenceAgreementId: String64
     walletForAccountBinding: Wallet
 
 
 class ApsTokenCanceled(ApsNotification):
     authorizationNotifyType: Literal["TOKEN_CANCELED"]
-    accessToken: _max(128)
+    accessToken: String128
     tokenCancelSource: Literal["ACQUIRER", "PSP"]
 
 

@@ -284,7 +284,7 @@ class WorkerRuntime:
             queue_name = self.topology.consumer_queue(spec.consumer)
             arguments = next(q.arguments for q in self.topology.queues() if q.name == queue_name)
             # Same arguments as the topology: the robust queue re-declares with them after a reconnect.
-            state.queue = await state.channel.declare_queue(  # type: ignore[assignment]
+            state.queue = await state.channel.declare_queue(
                 queue_name, durable=True, arguments=arguments
             )
             assert state.queue is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, ForeignKeyConstraint, Index, LargeBinary, MetaData, String
+from sqlalchemy import JSON, CheckConstraint, DateTime, ForeignKeyConstraint, Index, LargeBinary, MetaData, String, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -111,5 +111,5 @@ class CodeExchange(Base):
     )
 
 
-authorizations = Authorization.__table__
-code_exchanges = CodeExchange.__table__
+authorizations: Table = Authorization.__table__  # type: ignore[assignment]
+code_exchanges: Table = CodeExchange.__table__  # type: ignore[assignment]

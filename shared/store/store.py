@@ -22,13 +22,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.config import ConfigError, TokenKeys
-from shared.events import AuthorizationData, MerchantEvent, access_token_fingerprint, iso_utc
+from shared.events import AuthorizationData, EventType, MerchantEvent, access_token_fingerprint, iso_utc
 from shared.store.engine import create_engine, is_sqlite, parse_url
 from shared.store.errors import StoreError, database_errors, describe, safe_url
 from shared.store.models import STATUS_ACTIVE, STATUS_CANCELED, authorizations, code_exchanges
 
-ACTIVATED = "authorization.activated"
-CANCELED = "authorization.canceled"
+ACTIVATED: EventType = "authorization.activated"
+CANCELED: EventType = "authorization.canceled"
 
 
 @dataclass(frozen=True)
