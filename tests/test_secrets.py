@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aio_pika
+import orjson
 import pytest
 
 from authnotify.sandbox.alipay_gateway import AlipayGateway, RunningAlipayGateway, start_alipay_gateway
@@ -148,6 +149,11 @@ async def test_no_raw_token_or_code_in_logs_database_dead_letters_or_merchant_ev
 
     logged = log.read_text()
     assert "message_processed" in logged and "answered HTTP 503" in logged
+    # One line per message, naming the authorization by fingerprint (what handlers annotate), never by token.
+    processed = [orjson.loads(line) for line in logged.splitlines()
+                 if line.startswith("{") and '"message_processed"' in line]
+    assert processed and all(line.get("message_id") for line in processed)
+    assert {line["consumer"] for line in processed if line.get("fingerprint")} >= {"token-created", "token-canceled"}
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("secrets.db*"))
     assert len(stored) > 0
     reasons = " ".join(str(m.headers.get(h.DEAD_REASON)) for m in dead)

@@ -23,7 +23,7 @@ from shared.merchants import Endpoint, MerchantRegistry, merchant_registry_from_
 from shared.messages import JSON_CONTENT_TYPE
 from shared.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS
 from shared.topology import Consumer
-from workers.runtime import MessageContext, PermanentError, TransientError, WorkerSpec
+from workers.runtime import MessageContext, PermanentError, TransientError, WorkerSpec, annotate
 
 if TYPE_CHECKING:
     from workers.resources import Resources
@@ -75,7 +75,7 @@ async def handle_merchant_event(
     }
     if not endpoint.accepts(event.type):
         MERCHANT_DELIVERIES.labels("filtered").inc()
-        log.info("merchant_event_filtered", **fields)
+        annotate(delivery="filtered", **fields)
         return
 
     payload = event.to_json()
@@ -107,7 +107,7 @@ async def handle_merchant_event(
         MERCHANT_DELIVERIES.labels("failed").inc()
         raise TransientError(f"merchant {endpoint.name!r} answered HTTP {status}")
     MERCHANT_DELIVERIES.labels("delivered").inc()
-    log.info("merchant_event_delivered", status=status, **fields)
+    annotate(delivery="delivered", http_status=status, **fields)
 
 
 def parse_merchant_event(body: bytes, context: MessageContext) -> MerchantEvent:

@@ -72,6 +72,15 @@ class WorkerSpec:
     prefetch: int = 64
 
 
+def annotate(**fields: Any) -> None:
+    """Adds fields to the one log line the runtime writes for the message being handled.
+
+    A handler calls this instead of logging a line of its own: one structured line per message, with the
+    message id, the outcome and what the handler found (a line costs ~0.1 ms of a worker's ~2 ms budget).
+    """
+    structlog.contextvars.bind_contextvars(**fields)
+
+
 class FollowUpFailed(Exception):
     """A publish the outcome depends on (event, retry, dead letter) was not confirmed."""
 

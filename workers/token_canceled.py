@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shared.events import MerchantEvent
-from shared.logging import get_logger
 from shared.store import Cancellation, Store
 from shared.topology import Consumer
 from workers.notifications import (
@@ -19,12 +18,11 @@ from workers.notifications import (
     TokenCanceled,
     notification_parser,
 )
-from workers.runtime import MessageContext, WorkerSpec
+from workers.runtime import MessageContext, WorkerSpec, annotate
 
 if TYPE_CHECKING:
     from workers.resources import Resources
 
-log = get_logger("authnotify.token_canceled")
 
 NOTIFY_TYPE = "TOKEN_CANCELED"
 
@@ -57,13 +55,8 @@ async def handle_token_canceled(
         cancellation(notification), possibly_seen_before=context.possibly_seen_before
     )
     authorization = recorded.authorization
-    log.info(
-        "token_canceled_recorded",
-        message_id=context.message_id,
-        provider=authorization.provider,
-        fingerprint=authorization.accessTokenFingerprint,
-        events=[event.type for event in recorded.events],
-    )
+    annotate(provider=authorization.provider, fingerprint=authorization.accessTokenFingerprint,
+             status=authorization.status, emitted=[event.type for event in recorded.events])
     return recorded.events
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shared.events import MerchantEvent
-from shared.logging import get_logger
 from shared.store import Store, TokenGrant
 from shared.topology import Consumer
 from workers.notifications import (
@@ -21,12 +20,11 @@ from workers.notifications import (
     TokenCreated,
     notification_parser,
 )
-from workers.runtime import MessageContext, WorkerSpec
+from workers.runtime import MessageContext, WorkerSpec, annotate
 
 if TYPE_CHECKING:
     from workers.resources import Resources
 
-log = get_logger("authnotify.token_created")
 
 NOTIFY_TYPE = "TOKEN_CREATED"
 
@@ -66,14 +64,8 @@ async def handle_token_created(
         token_grant(notification), possibly_seen_before=context.possibly_seen_before
     )
     authorization = recorded.authorization
-    log.info(
-        "token_created_recorded",
-        message_id=context.message_id,
-        provider=authorization.provider,
-        fingerprint=authorization.accessTokenFingerprint,
-        status=authorization.status,
-        events=[event.type for event in recorded.events],
-    )
+    annotate(provider=authorization.provider, fingerprint=authorization.accessTokenFingerprint,
+             status=authorization.status, emitted=[event.type for event in recorded.events])
     return recorded.events
 
 
