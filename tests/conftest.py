@@ -15,12 +15,14 @@ from typing import Any
 
 import aio_pika
 import pytest
+from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from shared.config import Settings
 from shared.keys import private_key_pem, public_key_pem
-from shared.topology import build_topology, delete_topology
+from shared.store import Store
+from shared.topology import build_topology, declare_topology, delete_topology
 
 RABBITMQ_ENV = "AUTHNOTIFY_TEST_RABBITMQ_URL"
 DATABASE_ENV = "AUTHNOTIFY_TEST_DATABASE_URL"
@@ -234,3 +236,27 @@ def token_keys() -> Any:
     from shared.config import TokenKeys
 
     return TokenKeys([Fernet.generate_key().decode()])
+
+
+# --- the worker tests' settings, channel and store (a module's own fixture of the same name wins) --------
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], database_url: str) -> Settings:
+    """This test's namespace and database (SQLite or PostgreSQL), a fresh token key, fast retries."""
+    return make_settings(database_url=database_url, token_keys=Fernet.generate_key().decode(), retry_delays="200ms,400ms")
+
+
+@pytest.fixture
+async def channel(amqp_connection: aio_pika.abc.AbstractConnection, settings: Settings) -> aio_pika.abc.AbstractChannel:
+    """A confirming channel on the test's connection, with the namespace's topology declared."""
+    opened = await amqp_connection.channel(publisher_confirms=True)
+    await declare_topology(opened, build_topology(settings))
+    return opened
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    """The test's store, to check what the workers wrote."""
+    opened = await Store.connect(settings.database_url, settings.token_keys)
+    yield opened
+    await opened.close()

@@ -72,7 +72,7 @@ def notification_headers(private_key: RSAPrivateKey, case: ProviderCase, body: b
                                  url_encode=url_encode)
     separator = ", " if spaces else ","
     header = separator.join(
-        (f"algorithm=RSA256", f"keyVersion={key_version or case.key_version}", f"signature={signature}")
+        ("algorithm=RSA256", f"keyVersion={key_version or case.key_version}", f"signature={signature}")
     )
     headers = {"Content-Type": content_type, "Client-Id": client_id, "Request-Time": request_time,
                "Signature": header}

@@ -33,7 +33,6 @@ from tests.events_harness import (
     aps_token_canceled,
     aps_token_created,
     declare,
-    eventually,
     new_token_key,
     publish_notification,
     take_messages,

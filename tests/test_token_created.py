@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
-import pytest
 
 from shared import messages as h
 from shared.config import Settings
@@ -17,7 +15,6 @@ from shared.topology import Consumer, build_topology
 from tests.events_harness import (
     ams_token_created,
     aps_token_created,
-    declare,
     eventually,
     events_of,
     metric,
@@ -25,30 +22,9 @@ from tests.events_harness import (
     running_workers,
     take_all,
     take_messages,
-    new_token_key,
 )
 
-FAST_RETRIES = "200ms,400ms"
 PROCESSED = "authnotify_messages_processed_total"
-
-
-@pytest.fixture
-def settings(make_settings: Callable[..., Settings], database_url: str) -> Settings:
-    return make_settings(database_url=database_url, token_keys=new_token_key(), retry_delays=FAST_RETRIES)
-
-
-@pytest.fixture
-async def channel(amqp_connection: aio_pika.abc.AbstractConnection, settings: Settings) -> aio_pika.abc.AbstractChannel:
-    channel = await amqp_connection.channel(publisher_confirms=True)
-    await declare(channel, settings)
-    return channel
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    opened = await Store.connect(settings.database_url, settings.token_keys)
-    yield opened
-    await opened.close()
 
 
 def unique_token(prefix: str = "AT") -> str:
