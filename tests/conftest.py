@@ -260,3 +260,41 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     opened = await Store.connect(settings.database_url, settings.token_keys)
     yield opened
     await opened.close()
+
+
+# --- the simulated Alipay gateway and our JSON logs, for the worker tests -------------------------------
+
+
+@pytest.fixture
+async def gateway(keys: TestKeys) -> AsyncIterator[Any]:
+    """The sandbox Alipay gateway on a free port: checks our signatures, signs with the fake Alipay's key."""
+    from authnotify.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
+
+    running = await start_alipay_gateway(AlipayGateway(
+        alipay_private_key=keys.alipay.private_key,
+        client_public_key=keys.ours.private_key.public_key(),
+        ams_client_id=AMS_CLIENT_ID,
+        aps_client_id=APS_CLIENT_ID,
+    ))
+    yield running
+    await running.aclose()
+
+
+@pytest.fixture
+def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """Our JSON logging (it writes to whatever sys.stderr is, so into this test's capture), at DEBUG; the
+    previous configuration is put back after."""
+    import logging
+
+    import structlog
+
+    from shared.logging import configure_logging
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    configure_logging("json", level=logging.DEBUG)
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)

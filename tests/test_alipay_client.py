@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -66,34 +65,6 @@ def client_for(
         return AlipayClient(config, session, timeout=timeout)
 
     return factory
-
-
-class _CurrentStderr:
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-@pytest.fixture
-def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
-    """Our JSON logging, into this test's captured stderr; the previous configuration is put back after,
-    so later tests never log into this test's closed capture stream."""
-    import structlog
-
-    from shared.logging import configure_logging
-
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    configure_logging("json", level=logging.DEBUG)
-    # Resolve sys.stderr at each write: pytest swaps capture streams between a test's phases.
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()))  # type: ignore[arg-type]
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
 
 
 def _metric(name: str, **labels: str) -> float:

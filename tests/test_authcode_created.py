@@ -12,24 +12,22 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-import asyncpg
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy.engine import make_url
 
-from authnotify.sandbox.alipay_gateway import AlipayGateway, Outcome, RunningAlipayGateway, start_alipay_gateway
+from authnotify.sandbox.alipay_gateway import Outcome, RunningAlipayGateway
 from shared import messages as h
 from shared.alipay import AMS_SANDBOX_APPLY_TOKEN_PATH, APS_APPLY_TOKEN_PATH
 from shared.config import ConfigError, Settings
 from shared.events import MerchantEvent, access_token_fingerprint
 from shared.store import Store
 from shared.topology import Consumer, build_topology
-from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
+from tests.conftest import AMS_CLIENT_ID
 from tests.events_harness import eventually, metric, publish_notification, take_all, take_messages
 from workers import authcode_created
 from workers.resources import Resources
@@ -44,40 +42,6 @@ ACTIVATED = "authorization.activated"
 
 
 # --- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
-    """A fresh, empty database per test: a SQLite file, or a PostgreSQL database created for the test."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/authcode.db"
-        return
-    server = make_url(request.getfixturevalue("postgres_url"))
-    name = f"authcode_{uuid.uuid4().hex[:12]}"
-    dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
-    admin = await asyncpg.connect(dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield server.set(database=name).render_as_string(hide_password=False)
-    admin = await asyncpg.connect(dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
-async def gateway(keys: TestKeys) -> AsyncIterator[RunningAlipayGateway]:
-    running = await start_alipay_gateway(AlipayGateway(
-        alipay_private_key=keys.alipay.private_key,
-        client_public_key=keys.ours.private_key.public_key(),
-        ams_client_id=AMS_CLIENT_ID,
-        aps_client_id=APS_CLIENT_ID,
-    ))
-    yield running
-    await running.aclose()
 
 
 @pytest.fixture
@@ -121,34 +85,6 @@ async def channel(amqp_connection: aio_pika.abc.AbstractConnection) -> AsyncIter
     opened = await amqp_connection.channel(publisher_confirms=True)
     yield opened
     await opened.close()
-
-
-class _CurrentStderr:
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-@pytest.fixture
-def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
-    """Our JSON logging, into this test's captured stderr; the previous configuration is put back after,
-    so later tests never log into this test's closed capture stream."""
-    import structlog
-
-    from shared.logging import configure_logging
-
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    configure_logging("json", level=logging.DEBUG)
-    # Resolve sys.stderr at each write: pytest swaps capture streams between a test's phases.
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()))  # type: ignore[arg-type]
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
 
 
 @asynccontextmanager

@@ -21,7 +21,7 @@ import aio_pika
 import orjson
 import pytest
 
-from authnotify.sandbox.alipay_gateway import AlipayGateway, RunningAlipayGateway, start_alipay_gateway
+from authnotify.sandbox.alipay_gateway import RunningAlipayGateway
 from authnotify.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
 from shared import messages as h
 from shared.config import Settings
@@ -42,18 +42,6 @@ if TYPE_CHECKING:
     from tests.conftest import TestKeys
 
 AMS_RESULT = {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"}
-
-
-@pytest.fixture
-async def gateway(keys: TestKeys) -> AsyncIterator[RunningAlipayGateway]:
-    running = await start_alipay_gateway(AlipayGateway(
-        alipay_private_key=keys.alipay.private_key,
-        client_public_key=keys.ours.private_key.public_key(),
-        ams_client_id=AMS_CLIENT_ID,
-        aps_client_id=APS_CLIENT_ID,
-    ))
-    yield running
-    await running.aclose()
 
 
 @pytest.fixture
