@@ -26,26 +26,11 @@ from shared.alipay import (
     AlipayUnavailable,
 )
 from shared.config import ConfigError, Settings
-from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
 
 if TYPE_CHECKING:
     from tests.conftest import TestKeys
 
 AUTH_CODE = "281010133AB2F588D14B43231234ABCD"
-
-
-@pytest.fixture
-async def gateway(keys: TestKeys) -> AsyncIterator[RunningAlipayGateway]:
-    running = await start_alipay_gateway(
-        AlipayGateway(
-            alipay_private_key=keys.alipay.private_key,
-            client_public_key=keys.ours.private_key.public_key(),
-            ams_client_id=AMS_CLIENT_ID,
-            aps_client_id=APS_CLIENT_ID,
-        )
-    )
-    yield running
-    await running.aclose()
 
 
 @pytest.fixture
