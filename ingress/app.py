@@ -23,8 +23,8 @@ import orjson
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 
-from ingress.publisher import NotificationPublisher, PublishFailed
-from ingress.responses import (
+from authnotify.messaging.publisher import NotificationPublisher, PublishFailed
+from authnotify.ingress.answers import (
     INVALID_CLIENT,
     INVALID_SIGNATURE,
     MEDIA_TYPE_NOT_ACCEPTABLE,
@@ -38,13 +38,13 @@ from ingress.responses import (
     AnswerSigner,
     Outcome,
 )
-from shared import messages
-from shared.broker import Broker
-from shared.config import PROVIDERS, ProviderConfig, Settings
-from shared.logging import get_logger
-from shared.metrics import BROKER_CONNECTED, INGRESS_INFLIGHT, NOTIFICATIONS_RECEIVED, render_metrics
-from shared.signature import ALGORITHM, SignatureHeader, signed_content, verify_signature, verify_signature_header
-from shared.topology import build_topology, notification_routing_key
+from authnotify.messaging import headers as messages
+from authnotify.messaging.connection import Broker
+from authnotify.config.settings import PROVIDERS, ProviderConfig, Settings
+from authnotify.observability.logging import get_logger
+from authnotify.observability.metrics import BROKER_CONNECTED, INGRESS_INFLIGHT, NOTIFICATIONS_RECEIVED, render_metrics
+from authnotify.alipay.signature import ALGORITHM, SignatureHeader, signed_content, verify_signature, verify_signature_header
+from authnotify.messaging.topology import build_topology, notification_routing_key
 
 log = get_logger("authnotify.ingress")
 
@@ -273,7 +273,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 async def run_ingress(settings: Settings) -> int:
     """Serves until SIGTERM or SIGINT, then stops listening, answers what is in flight and exits 0."""
-    from authnotify.cli import EXIT_USAGE, CommandError
+    from authnotify.cli.main import EXIT_USAGE, CommandError
 
     enabled = [name for name in PROVIDERS if settings.provider(name) is not None]
     if not enabled:

@@ -19,10 +19,10 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from shared.config import Settings
-from shared.keys import private_key_pem, public_key_pem
-from shared.store import Store
-from shared.topology import build_topology, declare_topology, delete_topology
+from authnotify.config.settings import Settings
+from authnotify.config.keys import private_key_pem, public_key_pem
+from authnotify.store import Store
+from authnotify.messaging.topology import build_topology, declare_topology, delete_topology
 
 RABBITMQ_ENV = "AUTHNOTIFY_TEST_RABBITMQ_URL"
 DATABASE_ENV = "AUTHNOTIFY_TEST_DATABASE_URL"
@@ -233,7 +233,7 @@ def token_keys() -> Any:
     """A fresh single-key AUTHNOTIFY_TOKEN_KEYS value, as Settings would hold it."""
     from cryptography.fernet import Fernet
 
-    from shared.config import TokenKeys
+    from authnotify.config.settings import TokenKeys
 
     return TokenKeys([Fernet.generate_key().decode()])
 
@@ -268,7 +268,7 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 @pytest.fixture
 async def gateway(keys: TestKeys) -> AsyncIterator[Any]:
     """The sandbox Alipay gateway on a free port: checks our signatures, signs with the fake Alipay's key."""
-    from authnotify.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
+    from authnotify.devtools.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
 
     running = await start_alipay_gateway(AlipayGateway(
         alipay_private_key=keys.alipay.private_key,
@@ -288,7 +288,7 @@ def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
 
     import structlog
 
-    from shared.logging import configure_logging
+    from authnotify.observability.logging import configure_logging
 
     saved = structlog.get_config()
     root = logging.getLogger()

@@ -16,13 +16,13 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from shared import messages as h
-from shared.config import Settings
-from shared.events import MerchantEvent
-from shared.topology import build_topology, declare_topology, event_routing_key, notification_routing_key
-from workers.main import build_specs
-from workers.resources import Resources
-from workers.runtime import WorkerRuntime
+from authnotify.messaging import headers as h
+from authnotify.config.settings import Settings
+from authnotify.domain.events import MerchantEvent
+from authnotify.messaging.topology import build_topology, declare_topology, event_routing_key, notification_routing_key
+from authnotify.workers.process import build_specs
+from authnotify.workers.resources import Resources
+from authnotify.messaging.consumer import WorkerRuntime
 
 T = TypeVar("T")
 

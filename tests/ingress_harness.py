@@ -1,5 +1,5 @@
 """Helpers for the ingress tests: a running ingress, Alipay-style signing done independently of
-``shared.signature``, and reading what reached the broker."""
+``authnotify.alipay.signature``, and reading what reached the broker."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from ingress.app import NOTIFY_PATHS, PUBLISHER_KEY, create_app
-from ingress.publisher import NotificationPublisher
-from shared.config import Settings
-from shared.topology import Topology, build_topology
+from authnotify.ingress.app import NOTIFY_PATHS, PUBLISHER_KEY, create_app
+from authnotify.messaging.publisher import NotificationPublisher
+from authnotify.config.settings import Settings
+from authnotify.messaging.topology import Topology, build_topology
 from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
 
 SUCCESS_BODY = b'{"result":{"resultCode":"SUCCESS","resultStatus":"S","resultMessage":"success"}}'

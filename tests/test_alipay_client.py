@@ -11,13 +11,13 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from authnotify.sandbox.alipay_gateway import (
+from authnotify.devtools.sandbox.alipay_gateway import (
     AlipayGateway,
     Outcome,
     RunningAlipayGateway,
     start_alipay_gateway,
 )
-from shared.alipay import (
+from authnotify.alipay.client import (
     AMS_APPLY_TOKEN_PATH,
     AMS_SANDBOX_APPLY_TOKEN_PATH,
     APPLY_TOKEN_TIMEOUT_SECONDS,
@@ -25,7 +25,7 @@ from shared.alipay import (
     AlipayClient,
     AlipayUnavailable,
 )
-from shared.config import ConfigError, Settings
+from authnotify.config.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     from tests.conftest import TestKeys

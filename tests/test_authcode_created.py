@@ -20,18 +20,18 @@ import aio_pika
 import pytest
 from cryptography.fernet import Fernet
 
-from authnotify.sandbox.alipay_gateway import Outcome, RunningAlipayGateway
-from shared import messages as h
-from shared.alipay import AMS_SANDBOX_APPLY_TOKEN_PATH, APS_APPLY_TOKEN_PATH
-from shared.config import ConfigError, Settings
-from shared.events import MerchantEvent, access_token_fingerprint
-from shared.store import Store
-from shared.topology import Consumer, build_topology
+from authnotify.devtools.sandbox.alipay_gateway import Outcome, RunningAlipayGateway
+from authnotify.messaging import headers as h
+from authnotify.alipay.client import AMS_SANDBOX_APPLY_TOKEN_PATH, APS_APPLY_TOKEN_PATH
+from authnotify.config.settings import ConfigError, Settings
+from authnotify.domain.events import MerchantEvent, access_token_fingerprint
+from authnotify.store import Store
+from authnotify.messaging.topology import Consumer, build_topology
 from tests.conftest import AMS_CLIENT_ID
 from tests.events_harness import eventually, metric, publish_notification, take_all, take_messages
-from workers import authcode_created
-from workers.resources import Resources
-from workers.runtime import WorkerRuntime
+from authnotify.workers import authcode_created
+from authnotify.workers.resources import Resources
+from authnotify.messaging.consumer import WorkerRuntime
 
 if TYPE_CHECKING:
     from tests.conftest import TestKeys
@@ -344,7 +344,7 @@ def test_the_cli_worker_refuses_to_start_without_customer_belongs_to(keys: TestK
         "AUTHNOTIFY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/cli.db",
         "AUTHNOTIFY_WORKER_HTTP_PORT": "0",
     }
-    done = subprocess.run([sys.executable, "-m", "authnotify.cli", "worker", "authcode-created"], env=env,
+    done = subprocess.run([sys.executable, "-m", "authnotify", "worker", "authcode-created"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()

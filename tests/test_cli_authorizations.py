@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import TokenKeys
-from shared.events import access_token_fingerprint
-from shared.store import Cancellation, Store, TokenGrant
+from authnotify.config.settings import TokenKeys
+from authnotify.domain.events import access_token_fingerprint
+from authnotify.store import Cancellation, Store, TokenGrant
 
 DATA_KEYS = [
     "provider", "status", "accessTokenFingerprint", "authClientId", "referenceMerchantId",
@@ -78,7 +78,7 @@ async def _cli(database_url: str, cwd: Path, *args: str) -> Result:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env["AUTHNOTIFY_DATABASE_URL"] = database_url  # no AUTHNOTIFY_TOKEN_KEYS: reading needs none
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", "authorizations", *args,
+        sys.executable, "-m", "authnotify", "authorizations", *args,
         cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=120)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from shared.config import TokenKeys
-from shared.events import access_token_fingerprint
-from shared.store import Store, StoreError, TokenGrant
+from authnotify.config.settings import TokenKeys
+from authnotify.domain.events import access_token_fingerprint
+from authnotify.store import Store, StoreError, TokenGrant
 
 
 async def authnotify(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", *args,
+        sys.executable, "-m", "authnotify", *args,
         cwd=cwd, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)

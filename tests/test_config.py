@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from shared.config import ConfigError, Settings, load_settings
+from authnotify.config.settings import ConfigError, Settings, load_settings
 from tests.conftest import AMS_CLIENT_ID
 from tests.conftest import TestKeys as Keys
 
@@ -130,7 +130,7 @@ def test_secrets_do_not_show_in_the_settings_repr(make_settings: Callable[..., S
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "authnotify.cli", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "authnotify", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 

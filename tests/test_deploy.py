@@ -29,8 +29,8 @@ import pydantic
 import pytest
 import yaml
 
-from authnotify.cli import CONSUMER_NAMES
-from shared.config import ENV_PREFIX, Settings
+from authnotify.cli.main import CONSUMER_NAMES
+from authnotify.config.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -233,7 +233,7 @@ def check_settings_values(values: dict[str, str], where: str) -> None:
     for name, value in values.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        assert name in SETTINGS_VARIABLES, f"{where}: {name} is not a setting shared.config.Settings knows"
+        assert name in SETTINGS_VARIABLES, f"{where}: {name} is not a setting authnotify.config.settings.Settings knows"
         if value.startswith("@") or "${" in value or name.endswith("_CLIENT_ID"):
             # key files are checked where they are mounted; a client id alone would require its keys
             continue

@@ -21,9 +21,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from authnotify.devkeys import ensure_dev_keys
-from shared.config import Settings
-from shared.topology import build_topology, delete_topology
+from authnotify.devtools.devkeys import ensure_dev_keys
+from authnotify.config.settings import Settings
+from authnotify.messaging.topology import build_topology, delete_topology
 
 READY_LINE = "authnotify dev is ready"
 RETRY_DELAYS = "200ms,400ms"
@@ -77,7 +77,7 @@ async def _pump(stream: asyncio.StreamReader, lines: list[str], changed: asyncio
 
 async def run_cli(directory: Path, env: dict[str, str], *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", *args, cwd=directory, env=env,
+        sys.executable, "-m", "authnotify", *args, cwd=directory, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout)
@@ -98,7 +98,7 @@ async def dev(tmp_path: Path, rabbitmq_url: str, namespace: str) -> AsyncIterato
         COLUMNS="200",
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", "dev", cwd=tmp_path, env=env,
+        sys.executable, "-m", "authnotify", "dev", cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     running = DevProcess(process, tmp_path, env, ingress_port)
@@ -188,7 +188,7 @@ def test_dev_without_a_broker_says_how_to_start_one(tmp_path: Path) -> None:
                             AUTHNOTIFY_HTTP_PORT=str(free_port()),
                             AUTHNOTIFY_DEV_GATEWAY_PORT=str(free_port()),
                             AUTHNOTIFY_DEV_MERCHANT_PORT=str(free_port()))
-    result = subprocess.run([sys.executable, "-m", "authnotify.cli", "dev"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "authnotify", "dev"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -206,7 +206,7 @@ def test_dev_reports_a_taken_port_in_one_line(tmp_path: Path, rabbitmq_url: str)
                                 AUTHNOTIFY_HTTP_PORT=str(free_port()),
                                 AUTHNOTIFY_DEV_GATEWAY_PORT=str(port),
                                 AUTHNOTIFY_DEV_MERCHANT_PORT=str(free_port()))
-        result = subprocess.run([sys.executable, "-m", "authnotify.cli", "dev"], cwd=tmp_path, env=env,
+        result = subprocess.run([sys.executable, "-m", "authnotify", "dev"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

@@ -18,11 +18,11 @@ import aio_pika
 import orjson
 import pytest
 
-from authnotify import dlq as dlq_module
-from shared import messages as h
-from shared.config import Settings
-from shared.topology import Consumer, Topology, build_topology, declare_topology
-from workers.runtime import MessageContext, PermanentError, WorkerRuntime, WorkerSpec
+from authnotify.cli import dlq as dlq_module
+from authnotify.messaging import headers as h
+from authnotify.config.settings import Settings
+from authnotify.messaging.topology import Consumer, Topology, build_topology, declare_topology
+from authnotify.messaging.consumer import MessageContext, PermanentError, WorkerRuntime, WorkerSpec
 
 WAIT_SECONDS = 20.0
 AUTH_CODE = "2810111301lGZcM9CjlF91WH00039190xxxx"
@@ -64,7 +64,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 async def start_cli(settings: Settings, cwd: Path, *args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", "dlq", *args,
+        sys.executable, "-m", "authnotify", "dlq", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=env or cli_env(settings), cwd=cwd,
     )

@@ -15,10 +15,10 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shared import messages
-from shared.config import Settings
-from shared.logging import configure_logging
-from shared.keys import public_key_pem
+from authnotify.messaging import headers as messages
+from authnotify.config.settings import Settings
+from authnotify.observability.logging import configure_logging
+from authnotify.config.keys import public_key_pem
 from tests.conftest import TestKeys as Keys
 from tests.ingress_harness import (
     PROVIDER_CASES,
@@ -415,7 +415,7 @@ def _ingress_cli(env: dict[str, str], cwd: Any) -> subprocess.CompletedProcess[s
     import sys
 
     clean = {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
-    return subprocess.run([sys.executable, "-m", "authnotify.cli", "ingress"], env={**clean, **env}, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "authnotify", "ingress"], env={**clean, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -473,8 +473,8 @@ async def test_header_bytes_that_are_not_utf8_are_refused_not_crashed_on(
 def test_signature_fast_path_agrees_with_the_general_parser(make_settings: Callable[..., Settings],
                                                           keys: Keys) -> None:
     """The ingress's fast path for Alipay's canonical Signature header decides like the lenient parser."""
-    from ingress.app import _verify
-    from shared.signature import format_signature_header, sign_content, signed_content, verify_signature_header
+    from authnotify.ingress.app import _verify
+    from authnotify.alipay.signature import format_signature_header, sign_content, signed_content, verify_signature_header
 
     config = make_settings().provider("ams")
     assert config is not None

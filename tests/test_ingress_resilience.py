@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from shared.config import Settings
+from authnotify.config.settings import Settings
 from tests.conftest import TestKeys as Keys
 from tests.ingress_harness import (
     PROVIDER_CASES,
@@ -124,7 +124,7 @@ async def test_sigterm_drains_in_flight_requests_and_loses_none_it_acknowledged(
         "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": keys.alipay.public_pem,
     })
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", "ingress", cwd=tmp_path, env=env,
+        sys.executable, "-m", "authnotify", "ingress", cwd=tmp_path, env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     stderr_task = asyncio.create_task(process.stderr.read())  # type: ignore[union-attr]

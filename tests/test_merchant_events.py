@@ -14,23 +14,23 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
-from authnotify.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
+from authnotify.devtools.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
 from tests.events_harness import declare, eventually, metric, publish_event, running_workers, take_all, take_messages
-from shared import messages as h
-from shared.config import ConfigError, Settings
-from shared.events import AuthorizationData, MerchantEvent, access_token_fingerprint
-from shared.merchants import (
+from authnotify.messaging import headers as h
+from authnotify.config.settings import ConfigError, Settings
+from authnotify.domain.events import AuthorizationData, MerchantEvent, access_token_fingerprint
+from authnotify.domain.merchants import (
     Endpoint,
     generate_secret,
     load_merchant_registry,
     merchant_registry_from_settings,
     parse_merchant_registry,
 )
-from shared.topology import Consumer, build_topology
-from workers import merchant_events
-from workers.merchant_events import handle_merchant_event, signed_headers
-from workers.resources import Resources
-from workers.runtime import MessageContext, PermanentError, TransientError
+from authnotify.messaging.topology import Consumer, build_topology
+from authnotify.workers import merchant_events
+from authnotify.workers.merchant_events import handle_merchant_event, signed_headers
+from authnotify.workers.resources import Resources
+from authnotify.messaging.consumer import MessageContext, PermanentError, TransientError
 
 FAST_RETRIES = "200ms,400ms"
 PROCESSED = "authnotify_messages_processed_total"

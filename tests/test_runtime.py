@@ -17,12 +17,12 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from shared import messages as h
-from shared.config import Settings
-from shared.events import AuthorizationData, MerchantEvent
-from shared.topology import Consumer, build_topology, declare_topology, event_routing_key
-from workers.notifications import InvalidNotification, parse_notification
-from workers.runtime import (
+from authnotify.messaging import headers as h
+from authnotify.config.settings import Settings
+from authnotify.domain.events import AuthorizationData, MerchantEvent
+from authnotify.messaging.topology import Consumer, build_topology, declare_topology, event_routing_key
+from authnotify.alipay.notifications import InvalidNotification, parse_notification
+from authnotify.messaging.consumer import (
     MessageContext,
     PermanentError,
     TransientError,
@@ -524,7 +524,7 @@ async def test_worker_command_serves_health_and_exits_0_on_sigterm(make_settings
         "AUTHNOTIFY_HTTP_HOST": "127.0.0.1",
     })
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", "worker", "token-canceled", "token-created",
+        sys.executable, "-m", "authnotify", "worker", "token-canceled", "token-created",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
     )
     try:

@@ -21,12 +21,12 @@ import aio_pika
 import orjson
 import pytest
 
-from authnotify.sandbox.alipay_gateway import RunningAlipayGateway
-from authnotify.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
-from shared import messages as h
-from shared.config import Settings
-from shared.merchants import generate_secret
-from shared.topology import Consumer, build_topology
+from authnotify.devtools.sandbox.alipay_gateway import RunningAlipayGateway
+from authnotify.devtools.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
+from authnotify.messaging import headers as h
+from authnotify.config.settings import Settings
+from authnotify.domain.merchants import generate_secret
+from authnotify.messaging.topology import Consumer, build_topology
 from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
 from tests.events_harness import (
     ams_token_created,
@@ -104,7 +104,7 @@ async def test_no_raw_token_or_code_in_logs_database_dead_letters_or_merchant_ev
     log = tmp_path / "workers.log"
     merchant.endpoint.fail(1, status=503)  # one retry, so a failure reason is logged too
     with log.open("wb") as log_file:
-        worker = subprocess.Popen([sys.executable, "-m", "authnotify.cli", "worker"], env=env, cwd=tmp_path,
+        worker = subprocess.Popen([sys.executable, "-m", "authnotify", "worker"], env=env, cwd=tmp_path,
                                   stdout=log_file, stderr=subprocess.STDOUT)
         try:
             await publish_notification(channel, settings, "aps", aps_token_created(aps_access, refreshToken=aps_refresh))

@@ -10,8 +10,8 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from shared.keys import InvalidKeyError, load_private_key, load_public_key, load_public_key_ring
-from shared.signature import (
+from authnotify.config.keys import InvalidKeyError, load_private_key, load_public_key, load_public_key_ring
+from authnotify.alipay.signature import (
     format_signature_header,
     parse_signature_header,
     sign_content,

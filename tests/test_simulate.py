@@ -1,6 +1,6 @@
 """``authnotify simulate``: what it sends, how it counts the answers, and its one-line errors.
 
-Most tests run simulate in-process against a real ingress (``ingress.app.create_app``) on this test's broker
+Most tests run simulate in-process against a real ingress (``authnotify.ingress.app.create_app``) on this test's broker
 namespace, with keys given by option, and look at what reached the queues.
 """
 
@@ -21,12 +21,12 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authnotify import simulate
-from authnotify.cli import build_parser, main
-from ingress.app import create_app
-from shared.config import Settings
-from shared.keys import private_key_pem, public_key_pem
-from shared.topology import build_topology
+from authnotify.devtools import simulate
+from authnotify.cli.main import build_parser, main
+from authnotify.ingress.app import create_app
+from authnotify.config.settings import Settings
+from authnotify.config.keys import private_key_pem, public_key_pem
+from authnotify.messaging.topology import build_topology
 from tests import conftest
 
 AMS_CLIENT_ID = conftest.AMS_CLIENT_ID
@@ -203,7 +203,7 @@ async def test_unreachable_ingress_is_one_line(keys: KeysFixture, tmp_path: Path
 def test_unreachable_ingress_from_the_command_line_is_one_line_without_traceback(tmp_path: Path) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     result = subprocess.run(
-        [sys.executable, "-m", "authnotify.cli", "simulate", "--url", f"http://127.0.0.1:{free_port()}",
+        [sys.executable, "-m", "authnotify", "simulate", "--url", f"http://127.0.0.1:{free_port()}",
          "--ams-client-id", "A", "--aps-client-id", "B", "--alipay-private-key", private_key_pem(key)],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},

@@ -13,11 +13,11 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from shared.config import ConfigError, TokenKeys
-from shared.events import access_token_fingerprint
-from shared.store import Cancellation, Store, StoreError, TokenGrant
-from shared.store.migrations import head_revision, upgrade_database
-from shared.store.models import code_exchanges
+from authnotify.config.settings import ConfigError, TokenKeys
+from authnotify.domain.events import access_token_fingerprint
+from authnotify.store import Cancellation, Store, StoreError, TokenGrant
+from authnotify.store.migrations import head_revision, upgrade_database
+from authnotify.store.schema import code_exchanges
 
 ACTIVATED = "authorization.activated"
 CANCELED = "authorization.canceled"
@@ -388,7 +388,7 @@ async def test_migrations_are_idempotent(database_url: str) -> None:
 
 _MIGRATE_SCRIPT = (
     "import asyncio, sys\n"
-    "from shared.store.migrations import upgrade_database\n"
+    "from authnotify.store.migrations import upgrade_database\n"
     "print(asyncio.run(upgrade_database(sys.argv[1])))\n"
 )
 

@@ -6,11 +6,11 @@ import uuid
 
 import aio_pika
 
-from shared import messages as h
-from shared.config import Settings
-from shared.events import access_token_fingerprint
-from shared.store import Store
-from shared.topology import Consumer, build_topology
+from authnotify.messaging import headers as h
+from authnotify.config.settings import Settings
+from authnotify.domain.events import access_token_fingerprint
+from authnotify.store import Store
+from authnotify.messaging.topology import Consumer, build_topology
 from tests.events_harness import (
     ams_token_canceled,
     ams_token_created,

@@ -9,7 +9,7 @@ import uuid
 import aio_pika
 import pytest
 
-from shared.topology import (
+from authnotify.messaging.topology import (
     Consumer,
     QueueType,
     Topology,

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import aio_pika
 
-from shared.config import Settings
-from shared.events import access_token_fingerprint
-from shared.store import Store
-from shared.topology import Consumer, build_topology
+from authnotify.config.settings import Settings
+from authnotify.domain.events import access_token_fingerprint
+from authnotify.store import Store
+from authnotify.messaging.topology import Consumer, build_topology
 from tests.events_harness import (
     aps_token_created,
     declare,
@@ -54,7 +54,7 @@ def worker_env(settings: Settings, token_key: str) -> dict[str, str]:
 
 def start_worker(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "authnotify.cli", "worker", "token-created"],
+        [sys.executable, "-m", "authnotify", "worker", "token-created"],
         env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log.open("ab"),
     )
 

@@ -20,22 +20,22 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from shared.alipay import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient, AlipayUnavailable, ApplyTokenResult
-from shared.config import ENV_PREFIX, Settings
-from shared.events import AuthorizationData, MerchantEvent
-from shared.logging import get_logger
-from shared.store import Store, TokenGrant
-from shared.topology import Consumer
-from workers.notifications import (
+from authnotify.alipay.client import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient, AlipayUnavailable, ApplyTokenResult
+from authnotify.config.settings import ENV_PREFIX, Settings
+from authnotify.domain.events import AuthorizationData, MerchantEvent
+from authnotify.observability.logging import get_logger
+from authnotify.store import Store, TokenGrant
+from authnotify.messaging.topology import Consumer
+from authnotify.alipay.notifications import (
     AmsAuthCodeCreated,
     ApsAuthCodeCreated,
     AuthCodeCreated,
     notification_parser,
 )
-from workers.runtime import MessageContext, PermanentError, TransientError, WorkerSpec
+from authnotify.messaging.consumer import MessageContext, PermanentError, TransientError, WorkerSpec
 
 if TYPE_CHECKING:
-    from workers.resources import Resources
+    from authnotify.workers.resources import Resources
 
 log = get_logger("authnotify.authcode_created")
 

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 import aiohttp
 from pydantic import ValidationError
 
-from shared.events import MerchantEvent
-from shared.logging import get_logger
-from shared.merchants import Endpoint, MerchantRegistry, merchant_registry_from_settings
-from shared.messages import JSON_CONTENT_TYPE
-from shared.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS
-from shared.topology import Consumer
-from workers.runtime import MessageContext, PermanentError, TransientError, WorkerSpec, annotate
+from authnotify.domain.events import MerchantEvent
+from authnotify.observability.logging import get_logger
+from authnotify.domain.merchants import Endpoint, MerchantRegistry, merchant_registry_from_settings
+from authnotify.messaging.headers import JSON_CONTENT_TYPE
+from authnotify.observability.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS
+from authnotify.messaging.topology import Consumer
+from authnotify.messaging.consumer import MessageContext, PermanentError, TransientError, WorkerSpec, annotate
 
 if TYPE_CHECKING:
-    from workers.resources import Resources
+    from authnotify.workers.resources import Resources
 
 log = get_logger("authnotify.merchant_events")
 

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from shared.config import Settings
+from authnotify.config.settings import Settings
 
 if TYPE_CHECKING:
-    from shared.store import Store
+    from authnotify.store import Store
 
 # Long enough for a merchant delivery (15 s) and applyToken (5 s); each caller sets its own tighter timeout.
 HTTP_TIMEOUT_SECONDS = 30.0
@@ -29,7 +29,7 @@ class Resources:
         """The store, opened once with migrations applied (several workers may ask at once)."""
         async with self._store_lock:
             if self._store is None:
-                from shared.store import Store  # imported lazily: not every worker needs a database
+                from authnotify.store import Store  # imported lazily: not every worker needs a database
 
                 self._store = await Store.connect(self.settings.database_url, self.settings.require_token_keys())
             return self._store

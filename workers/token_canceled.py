@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shared.events import MerchantEvent
-from shared.store import Cancellation, Store
-from shared.topology import Consumer
-from workers.notifications import (
+from authnotify.domain.events import MerchantEvent
+from authnotify.store import Cancellation, Store
+from authnotify.messaging.topology import Consumer
+from authnotify.alipay.notifications import (
     AmsTokenCanceled,
     ApsTokenCanceled,
     TokenCanceled,
     notification_parser,
 )
-from workers.runtime import MessageContext, WorkerSpec, annotate
+from authnotify.messaging.consumer import MessageContext, WorkerSpec, annotate
 
 if TYPE_CHECKING:
-    from workers.resources import Resources
+    from authnotify.workers.resources import Resources
 
 
 NOTIFY_TYPE = "TOKEN_CANCELED"

@@ -21,11 +21,11 @@ from sqlalchemy import Row, bindparam, case, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.config import ConfigError, TokenKeys
-from shared.events import AuthorizationData, EventType, MerchantEvent, access_token_fingerprint, iso_utc
-from shared.store.engine import create_engine, is_sqlite, parse_url
-from shared.store.errors import StoreError, database_errors, describe, safe_url
-from shared.store.models import STATUS_ACTIVE, STATUS_CANCELED, authorizations, code_exchanges
+from authnotify.config.settings import ConfigError, TokenKeys
+from authnotify.domain.events import AuthorizationData, EventType, MerchantEvent, access_token_fingerprint, iso_utc
+from authnotify.store.engine import create_engine, is_sqlite, parse_url
+from authnotify.store.errors import StoreError, database_errors, describe, safe_url
+from authnotify.store.schema import STATUS_ACTIVE, STATUS_CANCELED, authorizations, code_exchanges
 
 ACTIVATED: EventType = "authorization.activated"
 CANCELED: EventType = "authorization.canceled"
@@ -239,7 +239,7 @@ class Store:
     async def connect(cls, database_url: str, token_keys: TokenKeys | None, *, migrate: bool = True) -> Store:
         """Opens the pool (and brings the schema to head); :class:`StoreError` if the database is unreachable."""
         if migrate:
-            from shared.store.migrations import upgrade_database
+            from authnotify.store.migrations import upgrade_database
 
             await upgrade_database(database_url)
         parse_url(database_url)
@@ -371,7 +371,7 @@ class Store:
             if self._raw_pool is None:
                 import asyncpg
 
-                from shared.store.engine import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
+                from authnotify.store.engine import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
 
                 url = self._engine.url.set(drivername="postgresql")
                 self._raw_pool = await asyncpg.create_pool(

@@ -43,10 +43,10 @@ import aio_pika
 import orjson
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shared import messages
-from shared.keys import private_key_pem, public_key_pem
-from shared.signature import sign_request_headers
-from shared.topology import Topology, QueueType, declare_topology, delete_topology
+from authnotify.messaging import headers as messages
+from authnotify.config.keys import private_key_pem, public_key_pem
+from authnotify.alipay.signature import sign_request_headers
+from authnotify.messaging.topology import Topology, QueueType, declare_topology, delete_topology
 
 AMS_PATH, APS_PATH = "/ams/notifyAuthorization", "/aps/api/v1/authorizations/authNotify"
 AMS_CLIENT_ID, APS_CLIENT_ID = "SANDBOX_BENCH_AMS", "2188120000000000"
@@ -425,7 +425,7 @@ async def main(args: argparse.Namespace) -> int:
     requests = signed_requests(alipay_key, port, bodies)
 
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify.cli", "ingress", env=env,
+        sys.executable, "-m", "authnotify", "ingress", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography.fernet import Fernet
 
-from shared.config import TokenKeys
-from shared.store import Store, TokenGrant
+from authnotify.config.settings import TokenKeys
+from authnotify.store import Store, TokenGrant
 
 
 async def bench(database_url: str, count: int, concurrency: int, duplicates: float) -> None:

@@ -56,13 +56,13 @@ import orjson
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shared import messages as h
-from shared.config import Settings
-from shared.events import AuthorizationData, MerchantEvent, access_token_fingerprint
-from shared.keys import private_key_pem, public_key_pem
-from shared.merchants import generate_secret
-from shared.metrics import MESSAGES_PROCESSED
-from shared.topology import (
+from authnotify.messaging import headers as h
+from authnotify.config.settings import Settings
+from authnotify.domain.events import AuthorizationData, MerchantEvent, access_token_fingerprint
+from authnotify.config.keys import private_key_pem, public_key_pem
+from authnotify.domain.merchants import generate_secret
+from authnotify.observability.metrics import MESSAGES_PROCESSED
+from authnotify.messaging.topology import (
     Consumer,
     QueueType,
     Topology,
@@ -91,7 +91,7 @@ async def serve_merchant(secret: str) -> None:
     verified delivery it accepted (lines flushed every few ms: the time is taken on arrival)."""
     from aiohttp import web
 
-    from authnotify.sandbox.merchant_endpoint import MerchantEndpoint
+    from authnotify.devtools.sandbox.merchant_endpoint import MerchantEndpoint
 
     endpoint = MerchantEndpoint(secret=secret)
     pending: list[str] = []
@@ -240,7 +240,7 @@ def notification_message(body: bytes, provider: str = "aps") -> aio_pika.Message
 
 def activated_event_message(now: datetime) -> aio_pika.Message:
     """What the token-created worker publishes for a new Alipay+ authorization."""
-    from workers.runtime import event_message
+    from authnotify.messaging.consumer import event_message
 
     data = AuthorizationData(
         provider="aps", status="active", accessTokenFingerprint=access_token_fingerprint(new_token()),
@@ -306,9 +306,9 @@ def _processed(consumer: Consumer) -> dict[str, int]:
 
 async def drain_worker(settings: Settings, consumer: Consumer, count: int, name: str, timeout: float) -> Drain:
     """One in-process WorkerRuntime with the consumer's real worker_spec, until ``count`` are processed."""
-    from workers.main import build_specs
-    from workers.resources import Resources
-    from workers.runtime import WorkerRuntime
+    from authnotify.workers.process import build_specs
+    from authnotify.workers.resources import Resources
+    from authnotify.messaging.consumer import WorkerRuntime
 
     resources = Resources(settings)
     result = Drain(name, "in-process WorkerRuntime")
@@ -423,10 +423,10 @@ class Pipeline:
                "AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO": "ALIPAY_CN"}
         quiet = {"stdout": asyncio.subprocess.DEVNULL, "stderr": asyncio.subprocess.DEVNULL}
         ingress = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "authnotify.cli", "ingress", env=env, **quiet)
+            sys.executable, "-m", "authnotify", "ingress", env=env, **quiet)
         worker_env = {**env, "AUTHNOTIFY_WORKER_HTTP_PORT": str(free_port())}
         worker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "authnotify.cli", "worker", "token-created", "merchant-events",
+            sys.executable, "-m", "authnotify", "worker", "token-created", "merchant-events",
             env=worker_env, **quiet)
         pipeline = cls(port, alipay_key, ingress, worker)
         try:
@@ -627,7 +627,7 @@ def quiet_logs() -> None:
     """JSON log lines rendered as in production, written to /dev/null instead of a pipe."""
     import structlog
 
-    from shared.logging import configure_logging
+    from authnotify.observability.logging import configure_logging
 
     configure_logging("json")
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=open(os.devnull, "w")))  # noqa: SIM115

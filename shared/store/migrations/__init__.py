@@ -22,8 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.store.engine import create_engine, is_sqlite, parse_url
-from shared.store.errors import database_errors, safe_url
+from authnotify.store.engine import create_engine, is_sqlite, parse_url
+from authnotify.store.errors import database_errors, safe_url
 
 # Any constant works; this one spells "authnoti" so it is recognisable in pg_locks.
 ADVISORY_LOCK_ID = 0x617574686E6F7469

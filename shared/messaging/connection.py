@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from shared.logging import get_logger
-from shared.topology import Topology, declare_topology
+from authnotify.observability.logging import get_logger
+from authnotify.messaging.topology import Topology, declare_topology
 
 log = get_logger("authnotify.broker")
 

@@ -29,11 +29,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from authnotify.admin import connect_once
-from authnotify.cli import EXIT_USAGE, CommandError
-from shared import messages as h
-from shared.config import Settings
-from shared.topology import Consumer, Topology, build_topology, declare_topology
+from authnotify.cli.admin import connect_once
+from authnotify.cli.main import EXIT_USAGE, CommandError
+from authnotify.messaging import headers as h
+from authnotify.config.settings import Settings
+from authnotify.messaging.topology import Consumer, Topology, build_topology, declare_topology
 
 GET_TIMEOUT_SECONDS = 10
 PUBLISH_TIMEOUT_SECONDS = 10

@@ -22,10 +22,10 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
-from shared.config import ENV_PREFIX, ConfigError, ProviderConfig
-from shared.logging import get_logger
-from shared.metrics import APPLY_TOKEN_RESULTS, APPLY_TOKEN_SECONDS
-from shared.signature import sign_request_headers, verify_signature_header
+from authnotify.config.settings import ENV_PREFIX, ConfigError, ProviderConfig
+from authnotify.observability.logging import get_logger
+from authnotify.observability.metrics import APPLY_TOKEN_RESULTS, APPLY_TOKEN_SECONDS
+from authnotify.alipay.signature import sign_request_headers, verify_signature_header
 
 log = get_logger("authnotify.alipay")
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from shared.keys import PublicKeyRing
+from authnotify.config.keys import PublicKeyRing
 
 ALGORITHM = "RSA256"
 

@@ -32,9 +32,9 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from shared.config import ConfigError
-from shared.keys import InvalidKeyError, load_private_key, private_key_pem, public_key_pem
-from shared.merchants import SECRET_PREFIX, generate_secret
+from authnotify.config.settings import ConfigError
+from authnotify.config.keys import InvalidKeyError, load_private_key, private_key_pem, public_key_pem
+from authnotify.domain.merchants import SECRET_PREFIX, generate_secret
 
 DEFAULT_DEV_DIR = Path(".authnotify")
 DEV_AMS_CLIENT_ID = "SANDBOX_DEV_AMS"

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from shared.config import ConfigError, Settings, load_settings
+from authnotify.config.settings import ConfigError, Settings, load_settings
 
 CONSUMER_NAMES = ("authcode-created", "token-created", "token-canceled", "merchant-events")
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("dev", help="ingress and all workers in one process, with local defaults")
     simulate = commands.add_parser("simulate", help="play Alipay against a running ingress")
-    from authnotify import simulate as simulate_module
+    from authnotify.devtools import simulate as simulate_module
 
     simulate_module.add_arguments(simulate)
     return parser
@@ -111,16 +111,16 @@ def _run(coroutine_factory: Callable[[], Coroutine[Any, Any, int | None]]) -> in
 
 
 def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]) -> int:
-    from shared.logging import configure_logging
+    from authnotify.observability.logging import configure_logging
 
     command = args.command
     if command == "simulate":
-        from authnotify import simulate
+        from authnotify.devtools import simulate
 
         configure_logging("console", level=logging.WARNING)
         return _run(lambda: simulate.run(args))
     if command == "dev":
-        from authnotify import dev
+        from authnotify.devtools import dev
 
         return _run(lambda: dev.run(args))
 
@@ -129,31 +129,31 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
     configure_logging(settings.log_format, level=logging.INFO if service else logging.WARNING)
 
     if command == "ingress":
-        from ingress.app import run_ingress
+        from authnotify.ingress.app import run_ingress
 
         return _run(lambda: run_ingress(settings))
     if command == "worker":
-        from workers.main import run_workers
+        from authnotify.workers.process import run_workers
 
         return _run(lambda: run_workers(settings, args.names or list(CONSUMER_NAMES)))
     if command == "topology":
-        from authnotify.admin import declare_topology_command
+        from authnotify.cli.admin import declare_topology_command
 
         return _run(lambda: declare_topology_command(settings))
     if command == "migrate":
-        from authnotify.admin import migrate_command
+        from authnotify.cli.admin import migrate_command
 
         return _run(lambda: migrate_command(settings))
     if command == "reencrypt-tokens":
-        from authnotify.admin import reencrypt_tokens_command
+        from authnotify.cli.admin import reencrypt_tokens_command
 
         return _run(lambda: reencrypt_tokens_command(settings))
     if command == "dlq":
-        from authnotify import dlq
+        from authnotify.cli import dlq
 
         return _run(lambda: dlq.run(settings, args))
     if command == "authorizations":
-        from authnotify import authorizations
+        from authnotify.cli import authorizations
 
         return _run(lambda: authorizations.run(settings, args))
     raise CommandError(f"unknown command {command}", EXIT_USAGE)  # pragma: no cover
@@ -177,10 +177,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     return code
 
-
-if __name__ == "__main__":  # pragma: no cover
-    # `python -m authnotify.cli`: run the imported module's main, so the CommandError that subcommand
-    # modules raise (authnotify.cli.CommandError) is the class caught here, not a __main__ copy.
-    from authnotify.cli import main as _package_main
-
-    sys.exit(_package_main())

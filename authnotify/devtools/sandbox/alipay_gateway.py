@@ -28,14 +28,14 @@ import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from shared.alipay import (
+from authnotify.alipay.client import (
     AMS_APPLY_TOKEN_PATH,
     AMS_SANDBOX_APPLY_TOKEN_PATH,
     APS_APPLY_TOKEN_PATH,
     SANDBOX_CLIENT_PREFIX,
 )
-from shared.keys import ANY_KEY_VERSION, PublicKeyRing
-from shared.signature import sign_request_headers, verify_signature_header
+from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
+from authnotify.alipay.signature import sign_request_headers, verify_signature_header
 
 OutcomeKind = Literal["S", "F", "U", "http_error", "slow", "bad_signature"]
 

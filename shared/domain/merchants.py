@@ -30,8 +30,8 @@ from typing import Any, NoReturn
 from standardwebhooks import Webhook
 from yarl import URL
 
-from shared.config import ENV_PREFIX, ConfigError, Settings
-from shared.events import EVENT_TYPES, AuthorizationData
+from authnotify.config.settings import ENV_PREFIX, ConfigError, Settings
+from authnotify.domain.events import EVENT_TYPES, AuthorizationData
 
 MERCHANTS_FILE_VARIABLE = f"{ENV_PREFIX}MERCHANTS_FILE"
 DEFAULT_ENTRY = "default"

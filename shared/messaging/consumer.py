@@ -31,13 +31,13 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 from aiohttp import web
 
-from shared import messages as h
-from shared.broker import Broker
-from shared.config import PROVIDERS, Settings
-from shared.events import MerchantEvent
-from shared.logging import get_logger, is_secret_field
-from shared.metrics import BROKER_CONNECTED, MESSAGE_HANDLING_SECONDS, MESSAGES_PROCESSED, render_metrics
-from shared.topology import Consumer, Topology, build_topology, event_routing_key
+from authnotify.messaging import headers as h
+from authnotify.messaging.connection import Broker
+from authnotify.config.settings import PROVIDERS, Settings
+from authnotify.domain.events import MerchantEvent
+from authnotify.observability.logging import get_logger, is_secret_field
+from authnotify.observability.metrics import BROKER_CONNECTED, MESSAGE_HANDLING_SECONDS, MESSAGES_PROCESSED, render_metrics
+from authnotify.messaging.topology import Consumer, Topology, build_topology, event_routing_key
 
 log = get_logger("authnotify.worker")
 

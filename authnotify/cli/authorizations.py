@@ -13,10 +13,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from authnotify.cli import EXIT_FAILURE, EXIT_OK, CommandError
-from shared.config import Settings
-from shared.events import AuthorizationData
-from shared.store import Store, StoreError
+from authnotify.cli.main import EXIT_FAILURE, EXIT_OK, CommandError
+from authnotify.config.settings import Settings
+from authnotify.domain.events import AuthorizationData
+from authnotify.store import Store, StoreError
 
 _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("provider", "Provider"),

@@ -38,8 +38,8 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from authnotify.cli import positive_int
-from ingress.app import NOTIFY_PATHS
+from authnotify.cli.main import positive_int
+from authnotify.ingress.app import NOTIFY_PATHS
 
 RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 54000.0)  # seed 001
 SCENARIOS = ("lifecycle", "authcode-created", "token-created", "token-canceled", "duplicates", "retry-pattern")
@@ -261,10 +261,10 @@ class Identity:
 
 
 def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity:
-    from shared.config import ConfigError
-    from shared.keys import ANY_KEY_VERSION, InvalidKeyError, PublicKeyRing, load_private_key, load_public_key_ring
+    from authnotify.config.settings import ConfigError
+    from authnotify.config.keys import ANY_KEY_VERSION, InvalidKeyError, PublicKeyRing, load_private_key, load_public_key_ring
 
-    from authnotify.devkeys import load_dev_keys, read_dev_description
+    from authnotify.devtools.devkeys import load_dev_keys, read_dev_description
 
     env = SimulateSettings()
     try:
@@ -312,7 +312,7 @@ def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity
 
     tokens_for_code: Callable[[str, str], str] | None = None
     if dev_keys is not None:
-        from authnotify.sandbox.alipay_gateway import AlipayGateway
+        from authnotify.devtools.sandbox.alipay_gateway import AlipayGateway
 
         # Only to compute which access token the dev gateway issues for a code: nothing is served.
         gateway = AlipayGateway(alipay_private_key=dev_keys.alipay_private_key,
@@ -372,7 +372,7 @@ class Sender:
     async def send(self, notification: Notification) -> Answer:
         import aiohttp
 
-        from shared.signature import sign_request_headers, verify_signature_header
+        from authnotify.alipay.signature import sign_request_headers, verify_signature_header
 
         async with self._semaphore:
             client_id = self._identity.client_ids[notification.provider]
@@ -478,7 +478,7 @@ async def _wait_for_activations(identity: Identity, session: Any, fingerprints: 
 
 def build_plan(args: argparse.Namespace, providers: list[str], factory: NotificationFactory,
                identity: Identity, session: Any, notes: list[str]) -> Plan:
-    from shared.events import access_token_fingerprint
+    from authnotify.domain.events import access_token_fingerprint
 
     count = args.count
     scenario = args.scenario
@@ -556,7 +556,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 def summarize(args: argparse.Namespace, identity: Identity, tally: Tally, duration: float,
               authorizations: list[Authorization], notes: list[str]) -> dict[str, Any]:
-    from shared.events import access_token_fingerprint
+    from authnotify.domain.events import access_token_fingerprint
 
     answers = tally.answers
     grouped = Counter((a.http_status, a.result_status, a.result_code) for a in answers)

@@ -6,9 +6,9 @@ import asyncio
 
 import aio_pika
 
-from authnotify.cli import CommandError
-from shared.config import Settings
-from shared.topology import build_topology, declare_topology
+from authnotify.cli.main import CommandError
+from authnotify.config.settings import Settings
+from authnotify.messaging.topology import build_topology, declare_topology
 
 CONNECT_TIMEOUT_SECONDS = 10
 
@@ -43,8 +43,8 @@ async def declare_topology_command(settings: Settings) -> int:
 
 
 async def migrate_command(settings: Settings) -> int:
-    from shared.store import StoreError
-    from shared.store.migrations import upgrade_database
+    from authnotify.store import StoreError
+    from authnotify.store.migrations import upgrade_database
 
     try:
         revision = await upgrade_database(settings.database_url)
@@ -59,7 +59,7 @@ async def migrate_command(settings: Settings) -> int:
 async def reencrypt_tokens_command(settings: Settings) -> int:
     """After putting a new key first in AUTHNOTIFY_TOKEN_KEYS: rewrite every stored token under it, so the
     old keys can then be dropped from the list."""
-    from shared.store import Store, StoreError
+    from authnotify.store import Store, StoreError
 
     token_keys = settings.require_token_keys()
     try:

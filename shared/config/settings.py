@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared.keys import InvalidKeyError, PublicKeyRing, load_private_key, load_public_key_ring
+from authnotify.config.keys import InvalidKeyError, PublicKeyRing, load_private_key, load_public_key_ring
 
 ENV_PREFIX = "AUTHNOTIFY_"
 PROVIDERS = ("ams", "aps")

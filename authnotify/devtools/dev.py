@@ -28,8 +28,8 @@ from aiohttp import web
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from authnotify.cli import CONSUMER_NAMES, EXIT_USAGE, CommandError
-from authnotify.devkeys import (
+from authnotify.cli.main import CONSUMER_NAMES, EXIT_USAGE, CommandError
+from authnotify.devtools.devkeys import (
     ALIPAY_PRIVATE_KEY,
     ALIPAY_PUBLIC_KEY,
     DEFAULT_DEV_DIR,
@@ -44,8 +44,8 @@ from authnotify.devkeys import (
     write_dev_description,
     write_merchants_file,
 )
-from shared.config import ENV_PREFIX, PROVIDERS, Settings, load_settings
-from shared.keys import ANY_KEY_VERSION, PublicKeyRing
+from authnotify.config.settings import ENV_PREFIX, PROVIDERS, Settings, load_settings
+from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
 
 LOCALHOST = "127.0.0.1"
 MERCHANT_PATH = "/webhooks/alipay-authorization"
@@ -167,12 +167,12 @@ def _simulate_command() -> str:
     if program is not None and program.name == "authnotify":
         located = _relative(program.absolute())
         return f"{located if '/' in located else 'authnotify'} simulate lifecycle"
-    return f"{_relative(Path(sys.executable).absolute())} -m authnotify.cli simulate lifecycle"
+    return f"{_relative(Path(sys.executable).absolute())} -m authnotify simulate lifecycle"
 
 
 def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url: str, merchant_url: str,
                dev_providers: list[str]) -> str:
-    from authnotify.simulate import NOTIFY_PATHS
+    from authnotify.devtools.simulate import NOTIFY_PATHS
 
     lines = [
         f"authnotify dev: ingress and {len(CONSUMER_NAMES)} workers in one process "
@@ -204,13 +204,13 @@ def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from authnotify.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
-    from authnotify.sandbox.merchant_endpoint import MerchantEndpoint
-    from ingress.app import DRAIN_TIMEOUT_SECONDS, LISTEN_BACKLOG, create_app
-    from shared.logging import configure_logging, get_logger
-    from workers.main import build_specs
-    from workers.resources import Resources
-    from workers.runtime import WorkerRuntime
+    from authnotify.devtools.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
+    from authnotify.devtools.sandbox.merchant_endpoint import MerchantEndpoint
+    from authnotify.ingress.app import DRAIN_TIMEOUT_SECONDS, LISTEN_BACKLOG, create_app
+    from authnotify.observability.logging import configure_logging, get_logger
+    from authnotify.workers.process import build_specs
+    from authnotify.workers.resources import Resources
+    from authnotify.messaging.consumer import WorkerRuntime
 
     dev = _dev_settings()
     base = load_settings()

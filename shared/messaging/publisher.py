@@ -18,10 +18,10 @@ import aiormq.abc
 from aio_pika.abc import AbstractRobustChannel
 from aiormq import spec
 
-from shared.broker import Broker
-from shared.logging import get_logger
-from shared.messages import JSON_CONTENT_TYPE
-from shared.metrics import PUBLISH_CONFIRM_SECONDS
+from authnotify.messaging.connection import Broker
+from authnotify.observability.logging import get_logger
+from authnotify.messaging.headers import JSON_CONTENT_TYPE
+from authnotify.observability.metrics import PUBLISH_CONFIRM_SECONDS
 
 log = get_logger("authnotify.ingress")
 

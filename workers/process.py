@@ -7,18 +7,18 @@ import importlib
 import signal
 from collections.abc import Sequence
 
-from shared.config import Settings
-from shared.logging import get_logger
-from shared.topology import Consumer
-from workers.resources import Resources
-from workers.runtime import WorkerRuntime, WorkerSpec
+from authnotify.config.settings import Settings
+from authnotify.observability.logging import get_logger
+from authnotify.messaging.topology import Consumer
+from authnotify.workers.resources import Resources
+from authnotify.messaging.consumer import WorkerRuntime, WorkerSpec
 
 log = get_logger("authnotify.worker")
 
 
 def handler_module(name: str) -> str:
-    """authcode-created -> workers.authcode_created"""
-    return f"workers.{Consumer(name).value.replace('-', '_')}"
+    """authcode-created -> authnotify.workers.authcode_created"""
+    return f"authnotify.workers.{Consumer(name).value.replace('-', '_')}"
 
 
 async def build_specs(resources: Resources, names: Sequence[str]) -> list[WorkerSpec]:
@@ -48,7 +48,7 @@ async def run_workers(settings: Settings, names: list[str]) -> int:
         log.info("worker_stopping")
         await runtime.stop()
         if runtime.failure is not None:
-            from authnotify.cli import CommandError
+            from authnotify.cli.main import CommandError
 
             raise CommandError(f"authnotify: worker could not start consuming ({type(runtime.failure).__name__}: "
                                f"{str(runtime.failure).splitlines()[0][:200] if str(runtime.failure) else ''})")

@@ -16,7 +16,7 @@ from typing import Literal
 import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from shared.signature import sign_request_headers, signature_time
+from authnotify.alipay.signature import sign_request_headers, signature_time
 
 JSON_ANSWER_CONTENT_TYPE = "application/json; charset=UTF-8"
 

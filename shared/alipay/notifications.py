@@ -15,7 +15,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 if TYPE_CHECKING:
-    from workers.runtime import MessageContext
+    from authnotify.messaging.consumer import MessageContext
 
 
 class InvalidNotification(ValueError):
@@ -202,7 +202,7 @@ def parse_notification(body: bytes, provider: str, notify_type: str) -> Any:
 
 def notification_parser(notify_type: str) -> Callable[[bytes, MessageContext], Any]:
     """The ``WorkerSpec.parse`` of a notification consumer: a broken field rule is a permanent failure."""
-    from workers.runtime import PermanentError
+    from authnotify.messaging.consumer import PermanentError
 
     def parse(body: bytes, context: MessageContext) -> Any:
         try:
