@@ -28,7 +28,7 @@ test: typecheck
 # mypy cannot follow the editable install's mapping of ingress/, workers/ and shared/ into the authnotify
 # package, so it checks a plain installed copy of the package instead (about a second to build).
 typecheck: $(STAMP)
-	rm -rf .typecheck
+	rm -rf build .typecheck
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target .typecheck .
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p authnotify
 

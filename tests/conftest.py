@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,9 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from authnotify.config.settings import Settings
+from authnotify.config import Settings
 from authnotify.config.keys import private_key_pem, public_key_pem
-from authnotify.store import Store
+from authnotify.store import SqlStore as Store
 from authnotify.messaging.topology import build_topology, declare_topology, delete_topology
 
 RABBITMQ_ENV = "AUTHNOTIFY_TEST_RABBITMQ_URL"
@@ -200,11 +201,11 @@ async def amqp_connection(rabbitmq_url: str, request: pytest.FixtureRequest) -> 
 # --- store fixtures (appended by the store engineer) ------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
-    """An empty database of each kind: a temp SQLite file, or a fresh PostgreSQL database on the server
-    of ``postgres_url`` (created for this test, dropped after it)."""
-    if request.param == "sqlite":
+@asynccontextmanager
+async def fresh_database(kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
+    """The URL of an empty database of ``kind``: a temp SQLite file, or a fresh PostgreSQL database on the
+    server of ``postgres_url`` (created for this test, dropped after it)."""
+    if kind == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path}/store.db"
         return
     import asyncpg
@@ -228,12 +229,19 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIt
             await admin.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
+    """An empty database of each kind (see :func:`fresh_database`)."""
+    async with fresh_database(request.param, request, tmp_path) as url:
+        yield url
+
+
 @pytest.fixture
 def token_keys() -> Any:
     """A fresh single-key AUTHNOTIFY_TOKEN_KEYS value, as Settings would hold it."""
     from cryptography.fernet import Fernet
 
-    from authnotify.config.settings import TokenKeys
+    from authnotify.config import TokenKeys
 
     return TokenKeys([Fernet.generate_key().decode()])
 

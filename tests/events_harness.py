@@ -17,23 +17,23 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from authnotify.messaging import headers as h
-from authnotify.config.settings import Settings
+from authnotify.config import Settings
 from authnotify.domain.events import MerchantEvent
 from authnotify.messaging.topology import build_topology, declare_topology, event_routing_key, notification_routing_key
-from authnotify.workers.process import build_specs
+from authnotify.workers.registry import build_specs
 from authnotify.workers.resources import Resources
-from authnotify.messaging.consumer import WorkerRuntime
+from authnotify.workers.process import Workers
 
 T = TypeVar("T")
 
 
 @asynccontextmanager
-async def running_workers(settings: Settings, *names: str) -> AsyncIterator[WorkerRuntime]:
+async def running_workers(settings: Settings, *names: str) -> AsyncIterator[Workers]:
     """The named consumers, on the real broker, until the block ends (then drained and stopped)."""
     resources = Resources(settings)
     try:
         specs = await build_specs(resources, names)
-        runtime = WorkerRuntime(settings, specs, http_port=0)
+        runtime = Workers(settings, specs, http_port=0)
         await runtime.start()
         try:
             await runtime.wait_ready(20)

@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from authnotify.ingress.app import NOTIFY_PATHS, PUBLISHER_KEY, create_app
-from authnotify.messaging.publisher import NotificationPublisher
-from authnotify.config.settings import Settings
+from authnotify.alipay.notifications import NOTIFY_PATHS
+from authnotify.ingress.app import INFLIGHT_KEY, PUBLISHER_KEY, InflightLimit, create_app
+from authnotify.messaging.publisher import Publisher
+from authnotify.config import Settings
 from authnotify.messaging.topology import Topology, build_topology
 from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
 
@@ -119,8 +120,12 @@ class RunningIngress:
         return build_topology(self.settings)
 
     @property
-    def publisher(self) -> NotificationPublisher:
+    def publisher(self) -> Publisher:
         return self.app[PUBLISHER_KEY]
+
+    @property
+    def inflight(self) -> InflightLimit:
+        return self.app[INFLIGHT_KEY]
 
     async def stop(self) -> None:
         await self.runner.cleanup()

@@ -25,7 +25,8 @@ from authnotify.alipay.client import (
     AlipayClient,
     AlipayUnavailable,
 )
-from authnotify.config.settings import ConfigError, Settings
+from authnotify.config import Settings
+from authnotify.errors import ConfigError
 
 if TYPE_CHECKING:
     from tests.conftest import TestKeys

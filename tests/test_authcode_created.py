@@ -23,15 +23,17 @@ from cryptography.fernet import Fernet
 from authnotify.devtools.sandbox.alipay_gateway import Outcome, RunningAlipayGateway
 from authnotify.messaging import headers as h
 from authnotify.alipay.client import AMS_SANDBOX_APPLY_TOKEN_PATH, APS_APPLY_TOKEN_PATH
-from authnotify.config.settings import ConfigError, Settings
-from authnotify.domain.events import MerchantEvent, access_token_fingerprint
-from authnotify.store import Store
+from authnotify.config import Settings
+from authnotify.errors import ConfigError
+from authnotify.domain.authorizations import access_token_fingerprint
+from authnotify.domain.events import MerchantEvent
+from authnotify.store import SqlStore as Store
 from authnotify.messaging.topology import Consumer, build_topology
 from tests.conftest import AMS_CLIENT_ID
 from tests.events_harness import eventually, metric, publish_notification, take_all, take_messages
 from authnotify.workers import authcode_created
 from authnotify.workers.resources import Resources
-from authnotify.messaging.consumer import WorkerRuntime
+from authnotify.workers.process import Workers
 
 if TYPE_CHECKING:
     from tests.conftest import TestKeys
@@ -64,12 +66,12 @@ def settings_for(make_settings: Callable[..., Settings], gateway: RunningAlipayG
 
 
 @asynccontextmanager
-async def running_worker(settings: Settings, *, apply_token_timeout: float = 5.0) -> AsyncIterator[WorkerRuntime]:
+async def running_worker(settings: Settings, *, apply_token_timeout: float = 5.0) -> AsyncIterator[Workers]:
     """The authcode-created consumer through the real runtime, in this process."""
     resources = Resources(settings)
     try:
-        spec = await authcode_created.worker_spec(resources, apply_token_timeout=apply_token_timeout)
-        runtime = WorkerRuntime(settings, [spec], http_port=0)
+        spec = await authcode_created.consumer(resources, apply_token_timeout=apply_token_timeout)
+        runtime = Workers(settings, [spec], http_port=0)
         await runtime.start()
         try:
             await runtime.wait_ready(20)
@@ -329,7 +331,7 @@ async def test_ams_without_customer_belongs_to_fails_the_start(settings_for: Cal
     resources = Resources(settings_for(ams_customer_belongs_to=None))
     try:
         with pytest.raises(ConfigError, match="^AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO: "):
-            await authcode_created.worker_spec(resources)
+            await authcode_created.consumer(resources)
     finally:
         await resources.aclose()
 

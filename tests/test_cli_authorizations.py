@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from authnotify.config.settings import TokenKeys
-from authnotify.domain.events import access_token_fingerprint
-from authnotify.store import Cancellation, Store, TokenGrant
+from authnotify.config import TokenKeys
+from authnotify.domain.authorizations import access_token_fingerprint
+from authnotify.domain.authorizations import Cancellation, TokenGrant
+from authnotify.store import SqlStore as Store
 
 DATA_KEYS = [
     "provider", "status", "accessTokenFingerprint", "authClientId", "referenceMerchantId",
@@ -56,17 +57,14 @@ async def filled(database_url: str, token_keys: TokenKeys) -> Filled:
                        auth_client_id="CLIENT-1", reference_merchant_id="MERCHANT-1",
                        reference_agreement_id=agreement, customer_id="cust-1", user_login_id="u***@example.com",
                        auth_state="state-1", scopes=["AGREEMENT_PAY"]),
-            possibly_seen_before=False,
         )
         await store.record_code_exchange(
             "ams", code, TokenGrant(provider="ams", access_token=tokens[1], auth_client_id="MERCHANT-1",
                                     reference_merchant_id="MERCHANT-2"),
-            possibly_seen_before=False,
         )
         await store.record_cancellation(
             Cancellation(provider="aps", access_token=tokens[2], auth_client_id="CLIENT-3",
                          reference_merchant_id="MERCHANT-3", token_cancel_source="PSP", reason="user unbound"),
-            possibly_seen_before=False,
         )
     finally:
         await store.close()

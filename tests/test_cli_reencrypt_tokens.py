@@ -10,9 +10,10 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from authnotify.config.settings import TokenKeys
-from authnotify.domain.events import access_token_fingerprint
-from authnotify.store import Store, StoreError, TokenGrant
+from authnotify.config import TokenKeys
+from authnotify.domain.authorizations import access_token_fingerprint
+from authnotify.domain.authorizations import TokenGrant
+from authnotify.store import SqlStore as Store, StoreError
 
 
 async def authnotify(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
@@ -32,7 +33,6 @@ async def test_reencrypted_tokens_decrypt_with_the_new_key_alone(database_url: s
     try:
         await store.record_tokens(
             TokenGrant(provider="aps", access_token=access_token, refresh_token=refresh_token),
-            possibly_seen_before=False,
         )
     finally:
         await store.close()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from authnotify.config.settings import ConfigError, Settings, load_settings
+from authnotify.config import Settings, load_settings
+from authnotify.errors import ConfigError
 from tests.conftest import AMS_CLIENT_ID
 from tests.conftest import TestKeys as Keys
 

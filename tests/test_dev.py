@@ -22,7 +22,7 @@ import aio_pika
 import pytest
 
 from authnotify.devtools.devkeys import ensure_dev_keys
-from authnotify.config.settings import Settings
+from authnotify.config import Settings
 from authnotify.messaging.topology import build_topology, delete_topology
 
 READY_LINE = "authnotify dev is ready"

@@ -18,14 +18,28 @@ import aio_pika
 import orjson
 import pytest
 
-from authnotify.cli import dlq as dlq_module
+from authnotify.messaging.deadletters import DeadLetter, DeadLetterQueues, Selection
 from authnotify.messaging import headers as h
-from authnotify.config.settings import Settings
+from authnotify.config import Settings
 from authnotify.messaging.topology import Consumer, Topology, build_topology, declare_topology
-from authnotify.messaging.consumer import MessageContext, PermanentError, WorkerRuntime, WorkerSpec
+from authnotify.errors import PermanentError
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.workers.process import Workers
 
 WAIT_SECONDS = 20.0
 AUTH_CODE = "2810111301lGZcM9CjlF91WH00039190xxxx"
+
+
+async def replay(settings: Settings, names: list[str], *, ids: list[str] | None = None, limit: int | None = None,
+                 dry_run: bool = False) -> list[DeadLetter]:
+    """What `dlq replay` does, in-process (the CLI adds only argument parsing and output)."""
+    async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings)) as queues:
+        return await queues.replay(names, Selection(ids or [], limit), dry_run=dry_run)
+
+
+async def list_dead_letters(settings: Settings, names: list[str]) -> list[DeadLetter]:
+    async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings)) as queues:
+        return await queues.list(names)
 
 
 @dataclass
@@ -195,7 +209,7 @@ async def test_list_shows_messages_the_broker_dead_lettered(setup, amqp_connecti
     assert entry["reason"] == "rejected"
     assert entry["attempts"] >= 1 and entry["deadLetteredAt"]
 
-    assert len(await dlq_module.replay(settings, ["token-created"])) == 1
+    assert len(await replay(settings, ["token-created"])) == 1
     [back] = await drain(amqp_connection, topology.consumer_queue(Consumer.TOKEN_CREATED))
     assert "x-death" not in back.headers
     assert back.headers[h.HISTORY] == [{"reason": "rejected", "attempts": entry["attempts"],
@@ -244,10 +258,10 @@ async def test_replay_by_id_limit_and_dry_run(setup, amqp_connection, tmp_path) 
     assert await depth(amqp_connection, dead) == 4 and await depth(amqp_connection, live) == 0
 
     # The selection logic, in-process (the CLI adds only argument parsing and output, tested above).
-    would = await dlq_module.replay(settings, [], ids=[ids[1]], dry_run=True)
+    would = await replay(settings, [], ids=[ids[1]], dry_run=True)
     assert [letter.id for letter in would] == [ids[1]]
     assert await depth(amqp_connection, live) == 0
-    assert [x.id for x in await dlq_module.replay(settings, [], ids=[ids[2]])] == [ids[2]]
+    assert [x.id for x in await replay(settings, [], ids=[ids[2]])] == [ids[2]]
     limited = await dlq(settings, tmp_path, "replay", "authcode-created", "--limit", "2", "--json")
     assert limited.json() == {"replayed": 2}
 
@@ -269,7 +283,7 @@ async def test_replayed_message_that_fails_again_is_dead_lettered_with_its_histo
         contexts.append(context)
         raise PermanentError(f"refused {len(contexts)}")
 
-    runtime = WorkerRuntime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, lambda body, _c: body, refuse)])
+    runtime = Workers(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, lambda body, _c: body, refuse)])
     await runtime.start()
     try:
         await runtime.wait_ready(WAIT_SECONDS)
@@ -281,8 +295,8 @@ async def test_replayed_message_that_fails_again_is_dead_lettered_with_its_histo
         )
         dead_queue = topology.dead_letter_queue(Consumer.TOKEN_CREATED)
         await wait_for(lambda: _has(amqp_connection, dead_queue), what="first death")
-        [first] = await dlq_module.list_dead_letters(settings, [])
-        assert [x.id for x in await dlq_module.replay(settings, ["token-created"])] == ["again-1"]
+        [first] = await list_dead_letters(settings, [])
+        assert [x.id for x in await replay(settings, ["token-created"])] == ["again-1"]
         await wait_for(lambda: _count_is(contexts, 2), what="handled again")
         await wait_for(lambda: _has(amqp_connection, dead_queue), what="second death")
     finally:

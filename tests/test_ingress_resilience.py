@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
-from authnotify.config.settings import Settings
+from authnotify.config import Settings
 from tests.conftest import TestKeys as Keys
 from tests.ingress_harness import (
     PROVIDER_CASES,

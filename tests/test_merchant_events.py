@@ -17,8 +17,10 @@ from standardwebhooks import Webhook
 from authnotify.devtools.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
 from tests.events_harness import declare, eventually, metric, publish_event, running_workers, take_all, take_messages
 from authnotify.messaging import headers as h
-from authnotify.config.settings import ConfigError, Settings
-from authnotify.domain.events import AuthorizationData, MerchantEvent, access_token_fingerprint
+from authnotify.config import Settings
+from authnotify.errors import ConfigError
+from authnotify.domain.authorizations import AuthorizationData, access_token_fingerprint
+from authnotify.domain.events import MerchantEvent
 from authnotify.domain.merchants import (
     Endpoint,
     generate_secret,
@@ -30,7 +32,8 @@ from authnotify.messaging.topology import Consumer, build_topology
 from authnotify.workers import merchant_events
 from authnotify.workers.merchant_events import handle_merchant_event, signed_headers
 from authnotify.workers.resources import Resources
-from authnotify.messaging.consumer import MessageContext, PermanentError, TransientError
+from authnotify.errors import PermanentError, TransientError
+from authnotify.messaging.consumer import MessageContext
 
 FAST_RETRIES = "200ms,400ms"
 PROCESSED = "authnotify_messages_processed_total"
@@ -140,7 +143,7 @@ async def test_merchant_events_worker_requires_the_merchants_file(make_settings:
     resources = Resources(settings)
     try:
         with pytest.raises(ConfigError, match="AUTHNOTIFY_MERCHANTS_FILE"):
-            await merchant_events.worker_spec(resources)
+            await merchant_events.consumer(resources)
     finally:
         await resources.aclose()
 

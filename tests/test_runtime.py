@@ -18,17 +18,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from authnotify.messaging import headers as h
-from authnotify.config.settings import Settings
-from authnotify.domain.events import AuthorizationData, MerchantEvent
+from authnotify.config import Settings
+from authnotify.domain.authorizations import AuthorizationData
+from authnotify.domain.events import MerchantEvent
 from authnotify.messaging.topology import Consumer, build_topology, declare_topology, event_routing_key
 from authnotify.alipay.notifications import InvalidNotification, parse_notification
-from authnotify.messaging.consumer import (
-    MessageContext,
-    PermanentError,
-    TransientError,
-    WorkerRuntime,
-    WorkerSpec,
-)
+from authnotify.errors import PermanentError, TransientError
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.workers.process import Workers
 
 FAST_RETRIES = "200ms,400ms"
 WAIT_SECONDS = 15.0
@@ -134,11 +131,11 @@ def notification_parse(body: bytes, context: MessageContext) -> Any:
 
 
 @pytest.fixture
-async def run_runtime() -> AsyncIterator[Callable[..., Awaitable[WorkerRuntime]]]:
-    started: list[WorkerRuntime] = []
+async def run_runtime() -> AsyncIterator[Callable[..., Awaitable[Workers]]]:
+    started: list[Workers] = []
 
-    async def start(settings: Settings, specs: Sequence[WorkerSpec], **kwargs: Any) -> WorkerRuntime:
-        runtime = WorkerRuntime(settings, specs, **kwargs)
+    async def start(settings: Settings, specs: Sequence[ConsumerSpec], **kwargs: Any) -> Workers:
+        runtime = Workers(settings, specs, **kwargs)
         await runtime.start()
         started.append(runtime)
         await runtime.wait_ready(WAIT_SECONDS)
@@ -168,7 +165,7 @@ async def test_success_publishes_returned_events_then_acks(make_settings, amqp_c
 
     recorder = Recorder(succeed)
     before = processed(Consumer.TOKEN_CREATED, "ok")
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, notification_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, notification_parse, recorder.handle)])
     message_id = await publish_notification(amqp_connection, settings, token_created_body())
 
     [delivered] = await take(amqp_connection, topology.consumer_queue(Consumer.MERCHANT_EVENTS))
@@ -201,7 +198,7 @@ async def test_message_is_not_acked_when_its_events_cannot_be_published(
         return [event]
 
     recorder = Recorder(succeed)
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
     channel = await amqp_connection.channel()
     # Without the exchange the event publish fails (404): the notification must come back, not be acked.
     await channel.exchange_delete(topology.notifications_exchange, if_unused=False)
@@ -230,7 +227,7 @@ async def test_permanent_error_dead_letters_at_once_with_body_unchanged(
 
     recorder = Recorder(refuse)
     before = processed(Consumer.TOKEN_CREATED, "dead-lettered")
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
     body = token_created_body()
     message_id = await publish_notification(amqp_connection, settings, body)
 
@@ -258,7 +255,7 @@ async def test_parse_error_is_permanent_and_reason_names_the_rule(
         raise AssertionError("handle must not run for a bad body")
 
     recorder = Recorder(never)
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, notification_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, notification_parse, recorder.handle)])
     too_long = "T" * 129  # AMS accessToken is at most 128 characters
     body = token_created_body(too_long)
     await publish_notification(amqp_connection, settings, body)
@@ -284,7 +281,7 @@ async def test_transient_error_is_retried_after_each_delay_then_dead_lettered(
 
     recorder = Recorder(fail)
     retried_before = processed(Consumer.TOKEN_CREATED, "retried")
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
     body = token_created_body()
     message_id = await publish_notification(amqp_connection, settings, body)
 
@@ -314,7 +311,7 @@ async def test_unexpected_exception_counts_as_transient_and_never_leaks_a_token(
         raise ValueError(f"could not store token {ACCESS_TOKEN}\nsecond line")
 
     recorder = Recorder(crash)
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
     await publish_notification(amqp_connection, settings, token_created_body())
 
     [dead] = await take(amqp_connection, topology.dead_letter_queue(Consumer.TOKEN_CREATED))
@@ -334,7 +331,7 @@ async def test_success_on_a_retry_acks_without_dead_lettering(make_settings, amq
         done.set()
 
     recorder = Recorder(flaky)
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
     await publish_notification(amqp_connection, settings, token_created_body())
     await asyncio.wait_for(done.wait(), WAIT_SECONDS)
     assert [c.attempt for c in recorder.contexts] == [1, 2]
@@ -351,7 +348,7 @@ async def test_replayed_message_is_possibly_seen_before(make_settings, amqp_conn
         done.set()
 
     recorder = Recorder(ok)
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
     channel = await amqp_connection.channel()
     await channel.default_exchange.publish(
         aio_pika.Message(b"{}", message_id="r-1", headers={h.ATTEMPT: 1, h.REPLAYED: 1}),
@@ -378,7 +375,7 @@ async def test_stop_lets_held_messages_finish_before_closing(make_settings, amqp
         return [sample_event()]
 
     recorder = Recorder(slow)
-    runtime = WorkerRuntime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
+    runtime = Workers(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle)])
     await runtime.start()
     await runtime.wait_ready(WAIT_SECONDS)
     await publish_notification(amqp_connection, settings, token_created_body())
@@ -405,7 +402,7 @@ async def test_health_endpoints(make_settings, amqp_connection, run_runtime) -> 
     async def ok(_context: MessageContext) -> None:
         return None
 
-    runtime = await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, Recorder(ok).handle)],
+    runtime = await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, Recorder(ok).handle)],
                                 http_port=port)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
@@ -429,7 +426,7 @@ async def test_not_ready_while_the_broker_is_unreachable(make_settings) -> None:
     async def ok(_context: MessageContext) -> None:
         return None
 
-    runtime = WorkerRuntime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, Recorder(ok).handle)],
+    runtime = Workers(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, Recorder(ok).handle)],
                             http_port=port)
     await runtime.start()
     try:
@@ -456,7 +453,7 @@ async def test_consumers_run_concurrently_up_to_the_prefetch(make_settings, amqp
         active -= 1
 
     recorder = Recorder(hold)
-    await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle, prefetch=3)])
+    await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, recorder.handle, prefetch=3)])
     for _ in range(5):
         await publish_notification(amqp_connection, settings, token_created_body())
     await wait_for(lambda: peak == 3, what="three held at once")
@@ -480,7 +477,7 @@ async def test_worker_survives_a_broker_restart(make_settings, rabbitmq_url, run
     async def ok(context: MessageContext) -> None:
         handled.append(context.message_id)
 
-    runtime = await run_runtime(settings, [WorkerSpec(Consumer.TOKEN_CREATED, raw_parse, Recorder(ok).handle)])
+    runtime = await run_runtime(settings, [ConsumerSpec(Consumer.TOKEN_CREATED, raw_parse, Recorder(ok).handle)])
     connection = await aio_pika.connect(rabbitmq_url)
     first = await publish_notification(connection, settings, token_created_body())
     await wait_for(lambda: first in handled, what="first message")

@@ -24,7 +24,7 @@ import pytest
 from authnotify.devtools.sandbox.alipay_gateway import RunningAlipayGateway
 from authnotify.devtools.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
 from authnotify.messaging import headers as h
-from authnotify.config.settings import Settings
+from authnotify.config import Settings
 from authnotify.domain.merchants import generate_secret
 from authnotify.messaging.topology import Consumer, build_topology
 from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID

@@ -108,6 +108,22 @@ def test_an_openssl_signature_verifies_in_every_form_alipay_sends(ossl: OpensslK
                                        time=REQUEST_TIME, body=BODY), header
 
 
+def test_the_canonical_header_parses_like_its_lenient_spellings(ossl: OpensslKeys) -> None:
+    """Alipay's exact form takes a fast path through the parser; it must read the same as every other form."""
+    raw = ossl.sign(signed_content("POST", PATH, CLIENT_ID, REQUEST_TIME, BODY))
+    raw_b64 = base64.b64encode(raw).decode()
+    canonical = parse_signature_header(f"algorithm=RSA256,keyVersion=7,signature={quote(raw_b64, safe='')}")
+    assert (canonical.algorithm, canonical.key_version, canonical.signature) == ("RSA256", "7", raw)
+    for spelling in (f"algorithm=RSA256, keyVersion=7, signature={quote(raw_b64, safe='')}",
+                     f"Algorithm=rsa256,KEYVERSION=7,signature={raw_b64}",
+                     f" signature={quote(raw_b64, safe='')} ,keyVersion=7,algorithm=RSA256 "):
+        assert parse_signature_header(spelling) == canonical, spelling
+    # What looks canonical but is not (a non-numeric version, a stray escape) goes the general way.
+    assert parse_signature_header(f"algorithm=RSA256,keyVersion=x,signature={raw_b64}").key_version == "x"
+    with pytest.raises(ValueError):
+        parse_signature_header(f"algorithm=RSA256,keyVersion=1,signature={raw_b64[:-4]}%21%21")
+
+
 @pytest.mark.parametrize("change", ["body", "path", "client_id", "time", "method"])
 def test_a_signature_over_anything_else_does_not_verify(ossl: OpensslKeys, change: str) -> None:
     raw_b64 = base64.b64encode(ossl.sign(signed_content("POST", PATH, CLIENT_ID, REQUEST_TIME, BODY))).decode()

@@ -6,18 +6,27 @@ import asyncio
 import hashlib
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from authnotify.config.settings import ConfigError, TokenKeys
-from authnotify.domain.events import access_token_fingerprint
-from authnotify.store import Cancellation, Store, StoreError, TokenGrant
+from authnotify.config import TokenKeys
+from authnotify.errors import ConfigError
+from authnotify.domain.authorizations import AuthorizationData, access_token_fingerprint
+from authnotify.domain.events import MerchantEvent, activation_events, cancellation_events
+from authnotify.domain.authorizations import Cancellation, TokenGrant
+from authnotify.store import SqlStore as Store, StoreError
 from authnotify.store.migrations import head_revision, upgrade_database
+from authnotify.store.memory import InMemoryStore
+from authnotify.store.repository import AuthorizationStore
 from authnotify.store.schema import code_exchanges
+from tests.conftest import fresh_database
 
 ACTIVATED = "authorization.activated"
 CANCELED = "authorization.canceled"
@@ -54,11 +63,55 @@ def _cancel(access_token: str, **fields: object) -> Cancellation:
     return Cancellation(**values)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Recorded:
+    authorization: AuthorizationData
+    events: list[MerchantEvent]
+
+
+class Recording:
+    """A store with the domain's event rules applied to each write, as the handlers apply them: what these
+    tests check is the pair (the store's transitions, the rules over them)."""
+
+    def __init__(self, store: AuthorizationStore) -> None:
+        self.store = store
+
+    async def record_tokens(self, grant: TokenGrant, *, possibly_seen_before: bool) -> Recorded:
+        transition = await self.store.record_tokens(grant)
+        return Recorded(transition.authorization, activation_events(transition, possibly_seen_before=possibly_seen_before))
+
+    async def record_code_exchange(self, provider: str, code: str, grant: TokenGrant, *,
+                                   possibly_seen_before: bool) -> Recorded:
+        transition = await self.store.record_code_exchange(provider, code, grant)
+        return Recorded(transition.authorization, activation_events(transition, possibly_seen_before=possibly_seen_before))
+
+    async def record_cancellation(self, cancel: Cancellation, *, possibly_seen_before: bool) -> Recorded:
+        transition = await self.store.record_cancellation(cancel)
+        return Recorded(transition.authorization,
+                        cancellation_events(transition, possibly_seen_before=possibly_seen_before))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
 @pytest.fixture
-async def store(database_url: str, token_keys: TokenKeys) -> Store:
-    store = await Store.connect(database_url, token_keys)
-    yield store
-    await store.close()
+async def sql_store(database_url: str, token_keys: TokenKeys) -> AsyncIterator[Recording]:
+    """For what only a database shows: what its tables hold."""
+    opened = await Store.connect(database_url, token_keys)
+    yield Recording(opened)
+    await opened.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path, token_keys: TokenKeys) -> AsyncIterator[Recording]:
+    """The same behaviour on every store: SQLite, PostgreSQL, and the in-memory fake the fast tests use."""
+    if request.param == "memory":
+        yield Recording(InMemoryStore())
+        return
+    async with fresh_database(request.param, request, tmp_path) as url:
+        opened = await Store.connect(url, token_keys)
+        yield Recording(opened)
+        await opened.close()
 
 
 # --- record_tokens ---------------------------------------------------------------------------------
@@ -208,7 +261,8 @@ async def test_concurrent_cancel_and_create_end_canceled(store: Store) -> None:
 # --- code exchange ---------------------------------------------------------------------------------
 
 
-async def test_code_exchange_recorded_once_and_by_hash(store: Store) -> None:
+async def test_code_exchange_recorded_once_and_by_hash(sql_store: Recording) -> None:
+    store = sql_store
     code = f"281010133AB2F588{uuid.uuid4().hex}"
     access = _token("at")
     assert await store.find_code_exchange("ams", code) is None
@@ -305,8 +359,8 @@ async def test_tokens_decrypt_after_key_rotation_and_reencryption(database_url: 
     fingerprint = access_token_fingerprint(access)
     old = await Store.connect(database_url, TokenKeys([old_key]))
     try:
-        await old.record_tokens(_grant(access, refresh_token=refresh), possibly_seen_before=False)
-        await old.record_cancellation(_cancel(_token("at")), possibly_seen_before=False)  # no refresh token
+        await old.record_tokens(_grant(access, refresh_token=refresh))
+        await old.record_cancellation(_cancel(_token("at")))  # no refresh token
     finally:
         await old.close()
 
@@ -332,14 +386,14 @@ async def test_tokens_decrypt_after_key_rotation_and_reencryption(database_url: 
 
 async def test_reading_needs_no_token_keys_but_writing_does(database_url: str, token_keys: TokenKeys) -> None:
     writer = await Store.connect(database_url, token_keys)
-    await writer.record_tokens(_grant(_token("at")), possibly_seen_before=False)
+    await writer.record_tokens(_grant(_token("at")))
     await writer.close()
 
     reader = await Store.connect(database_url, None)
     try:
         assert len(await reader.list_authorizations()) == 1
         with pytest.raises(ConfigError, match="AUTHNOTIFY_TOKEN_KEYS"):
-            await reader.record_tokens(_grant(_token("at")), possibly_seen_before=False)
+            await reader.record_tokens(_grant(_token("at")))
     finally:
         await reader.close()
 
@@ -352,11 +406,10 @@ async def test_sqlite_file_holds_no_raw_token_or_code(tmp_path: Path, token_keys
         for _ in range(3):
             access, refresh, code = _token("AT"), _token("RT"), _token("CODE")
             secrets += [access, refresh, code]
-            await store.record_code_exchange("ams", code, _grant(access, provider="ams", refresh_token=refresh),
-                                             possibly_seen_before=False)
+            await store.record_code_exchange("ams", code, _grant(access, provider="ams", refresh_token=refresh))
         canceled = _token("AT")
         secrets.append(canceled)
-        await store.record_cancellation(_cancel(canceled), possibly_seen_before=False)
+        await store.record_cancellation(_cancel(canceled))
         assert len(await store.list_authorizations()) == 4
     finally:
         await store.close()
@@ -414,8 +467,8 @@ async def test_migrations_are_safe_when_run_concurrently(database_url: str, toke
     assert in_process == [head_revision()] * 3
     store = await Store.connect(database_url, token_keys)
     try:
-        recorded = await store.record_tokens(_grant(_token("at")), possibly_seen_before=False)
-        assert recorded.events
+        transition = await store.record_tokens(_grant(_token("at")))
+        assert transition.changed
     finally:
         await store.close()
 
@@ -456,7 +509,8 @@ async def test_concurrent_grants_share_transactions_with_the_same_event_rules(st
     assert len(await store.list_authorizations()) == 41
 
 
-async def test_a_grant_the_database_refuses_fails_alone_not_its_batch(store: Store) -> None:
+async def test_a_grant_the_database_refuses_fails_alone_not_its_batch(sql_store: Recording) -> None:
+    store = sql_store
     tokens = [_token("at") for _ in range(20)]
     jobs = [store.record_tokens(_grant(token), possibly_seen_before=False) for token in tokens]
     # PostgreSQL refuses a NUL character in text; SQLite stores it.

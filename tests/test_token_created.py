@@ -8,9 +8,9 @@ from typing import Any
 import aio_pika
 
 from authnotify.messaging import headers as h
-from authnotify.config.settings import Settings
-from authnotify.domain.events import access_token_fingerprint
-from authnotify.store import Store
+from authnotify.config import Settings
+from authnotify.domain.authorizations import access_token_fingerprint
+from authnotify.store import SqlStore as Store
 from authnotify.messaging.topology import Consumer, build_topology
 from tests.events_harness import (
     ams_token_created,

@@ -1,6 +1,6 @@
-"""The ``authcode-created`` worker: exchanges an AUTHCODE_CREATED notification's auth code for tokens.
+"""The ``authcode-created`` consumer: exchanges an AUTHCODE_CREATED notification's auth code for tokens.
 
-Contract sections 1 and 5. An auth code is exchanged once: the store keeps an exchange record keyed by a
+An auth code is exchanged once: the store keeps an exchange record keyed by a
 hash of (provider, code), written in the same transaction as the authorization. A notification whose code
 was already exchanged (Alipay's redelivery, a retry, a replay) never reaches Alipay again; it re-emits
 ``authorization.activated`` only under the store's event rules (when this very message may have been
@@ -16,30 +16,27 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
-
 import aiohttp
 
 from authnotify.alipay.client import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient, AlipayUnavailable, ApplyTokenResult
-from authnotify.config.settings import ENV_PREFIX, Settings
-from authnotify.domain.events import AuthorizationData, MerchantEvent
-from authnotify.observability.logging import get_logger
-from authnotify.store import Store, TokenGrant
-from authnotify.messaging.topology import Consumer
 from authnotify.alipay.notifications import (
+    AUTHCODE_CREATED,
     AmsAuthCodeCreated,
     ApsAuthCodeCreated,
     AuthCodeCreated,
-    notification_parser,
+    parse_notification,
 )
-from authnotify.messaging.consumer import MessageContext, PermanentError, TransientError, WorkerSpec
-
-if TYPE_CHECKING:
-    from authnotify.workers.resources import Resources
+from authnotify.config import ENV_PREFIX, Settings
+from authnotify.domain.authorizations import AuthorizationData, TokenGrant
+from authnotify.domain.events import MerchantEvent, activation_events
+from authnotify.errors import PermanentError, TransientError
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.messaging.topology import Consumer
+from authnotify.observability.logging import get_logger
+from authnotify.store import AuthorizationStore
+from authnotify.workers.resources import Resources
 
 log = get_logger("authnotify.authcode_created")
-
-NOTIFY_TYPE = "AUTHCODE_CREATED"
 
 
 class _CodeLocks:
@@ -110,7 +107,7 @@ def token_grant(notification: AuthCodeCreated, result: ApplyTokenResult) -> Toke
 
 
 async def _already_exchanged(
-    store: Store, notification: AuthCodeCreated, context: MessageContext, existing: AuthorizationData
+    store: AuthorizationStore, notification: AuthCodeCreated, context: MessageContext, existing: AuthorizationData
 ) -> list[MerchantEvent]:
     """The code was exchanged before: no second applyToken, events as the store's rules say."""
     log.info("authcode_already_exchanged", provider=existing.provider,
@@ -119,24 +116,23 @@ async def _already_exchanged(
     if not context.possibly_seen_before:
         # A fresh copy (Alipay's redelivery): the message that exchanged the code emitted the event.
         return []
-    # This message may have committed and died before its event was published: ask the store again
-    # for the same row, so it decides (and re-emits the identical event) by its own rules.
+    # This message may have committed and died before its event was published: record the same row
+    # again, so the event rules re-emit the identical event.
     tokens = await store.tokens_of(existing.provider, existing.accessTokenFingerprint)
     if tokens is None:
         log.warning("authcode_exchange_without_tokens", fingerprint=existing.accessTokenFingerprint)
         return []
     # Fields a grant leaves out are kept by the store: the access token alone names the row.
     grant = TokenGrant(provider=existing.provider, access_token=tokens[0])
-    recorded = await store.record_code_exchange(existing.provider, notification.authCode, grant,
-                                                possibly_seen_before=True)
-    return recorded.events
+    transition = await store.record_code_exchange(existing.provider, notification.authCode, grant)
+    return activation_events(transition, possibly_seen_before=True)
 
 
 async def handle_authcode_created(
     notification: AuthCodeCreated,
     context: MessageContext,
     *,
-    store: Store,
+    store: AuthorizationStore,
     alipay_clients: Mapping[str, AlipayClient],
 ) -> list[MerchantEvent]:
     provider = notification.provider
@@ -171,26 +167,26 @@ async def handle_authcode_created(
                 return await _already_exchanged(store, notification, context, existing)
             raise PermanentError(f"applyToken answered F {result.result_code}")
 
-        recorded = await store.record_code_exchange(
-            provider, auth_code, token_grant(notification, result),
-            possibly_seen_before=context.possibly_seen_before,
-        )
-    authorization = recorded.authorization
+        transition = await store.record_code_exchange(provider, auth_code, token_grant(notification, result))
+    events = activation_events(transition, possibly_seen_before=context.possibly_seen_before)
+    authorization = transition.authorization
     log.info(
         "authcode_exchanged",
         provider=provider,
         fingerprint=authorization.accessTokenFingerprint,
         status=authorization.status,
-        events=[event.type for event in recorded.events],
+        events=[event.type for event in events],
     )
-    return recorded.events
+    return events
 
 
-parse_authcode_created = notification_parser(NOTIFY_TYPE)
+def parse_authcode_created(body: bytes, context: MessageContext) -> AuthCodeCreated:
+    model: AuthCodeCreated = parse_notification(body, context.provider, AUTHCODE_CREATED)
+    return model
 
 
-async def worker_spec(resources: Resources, *,
-                      apply_token_timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> WorkerSpec:
+async def consumer(resources: Resources, *,
+                   apply_token_timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> ConsumerSpec:
     # Clients first: a configuration error stops the start before the database is opened.
     clients = alipay_clients(resources.settings, await resources.http(), timeout=apply_token_timeout)
     store = await resources.store()
@@ -198,4 +194,4 @@ async def worker_spec(resources: Resources, *,
     async def handle(notification: AuthCodeCreated, context: MessageContext) -> list[MerchantEvent]:
         return await handle_authcode_created(notification, context, store=store, alipay_clients=clients)
 
-    return WorkerSpec(consumer=Consumer.AUTHCODE_CREATED, parse=parse_authcode_created, handle=handle)
+    return ConsumerSpec(consumer=Consumer.AUTHCODE_CREATED, parse=parse_authcode_created, handle=handle)

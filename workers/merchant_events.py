@@ -1,6 +1,6 @@
-"""The ``merchant-events`` worker: POSTs each event to its merchant, signed per Standard Webhooks.
+"""The ``merchant-events`` consumer: POSTs each event to its merchant, signed per Standard Webhooks.
 
-Contract section 6. The ``webhook-id`` is the event's id, the same on every retry and replay, so the merchant
+The ``webhook-id`` is the event's id, the same on every retry and replay, so the merchant
 deduplicates on it; ``webhook-timestamp`` is the time of each attempt (verifiers refuse stale timestamps).
 A 2xx answer is delivered; any other answer, a timeout or a connection error is transient (retried, then
 dead-lettered); an event no registry entry and no default takes is dead-lettered at once. An entry whose
@@ -12,21 +12,18 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import aiohttp
 from pydantic import ValidationError
 
 from authnotify.domain.events import MerchantEvent
-from authnotify.observability.logging import get_logger
 from authnotify.domain.merchants import Endpoint, MerchantRegistry, merchant_registry_from_settings
-from authnotify.messaging.headers import JSON_CONTENT_TYPE
-from authnotify.observability.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS
+from authnotify.errors import PermanentError, TransientError
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext
 from authnotify.messaging.topology import Consumer
-from authnotify.messaging.consumer import MessageContext, PermanentError, TransientError, WorkerSpec, annotate
-
-if TYPE_CHECKING:
-    from authnotify.workers.resources import Resources
+from authnotify.observability.logging import annotate, get_logger
+from authnotify.observability.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS
+from authnotify.workers.resources import Resources
 
 log = get_logger("authnotify.merchant_events")
 
@@ -42,7 +39,7 @@ def signed_headers(endpoint: Endpoint, event_id: str, payload: bytes, now: datet
         "webhook-id": event_id,
         "webhook-timestamp": str(int(moment.timestamp())),
         "webhook-signature": signature,
-        "content-type": JSON_CONTENT_TYPE,
+        "content-type": "application/json",
         "user-agent": USER_AGENT,
     }
 
@@ -119,7 +116,7 @@ def parse_merchant_event(body: bytes, context: MessageContext) -> MerchantEvent:
         raise PermanentError(f"not a merchant event: {location}: {first.get('msg', 'invalid')}") from None
 
 
-async def worker_spec(resources: Resources) -> WorkerSpec:
+async def consumer(resources: Resources) -> ConsumerSpec:
     # Validated before anything is consumed: a bad registry stops the start with one line.
     registry = merchant_registry_from_settings(resources.settings)
     http = await resources.http()
@@ -127,4 +124,4 @@ async def worker_spec(resources: Resources) -> WorkerSpec:
     async def handle(event: MerchantEvent, context: MessageContext) -> None:
         await handle_merchant_event(event, context, registry=registry, http=http)
 
-    return WorkerSpec(consumer=Consumer.MERCHANT_EVENTS, parse=parse_merchant_event, handle=handle)
+    return ConsumerSpec(consumer=Consumer.MERCHANT_EVENTS, parse=parse_merchant_event, handle=handle)

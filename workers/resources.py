@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import aiohttp
 
-from authnotify.config.settings import Settings
-
-if TYPE_CHECKING:
-    from authnotify.store import Store
+from authnotify.config import Settings
+from authnotify.store import AuthorizationStore, open_store
 
 # Long enough for a merchant delivery (15 s) and applyToken (5 s); each caller sets its own tighter timeout.
 HTTP_TIMEOUT_SECONDS = 30.0
@@ -19,19 +16,18 @@ HTTP_TIMEOUT_SECONDS = 30.0
 class Resources:
     """The store and the HTTP client session, each created on first use and closed by :meth:`aclose`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, store: AuthorizationStore | None = None) -> None:
         self.settings = settings
-        self._store: Store | None = None
+        self._store = store
+        self._owns_store = store is None
         self._http: aiohttp.ClientSession | None = None
         self._store_lock = asyncio.Lock()
 
-    async def store(self) -> Store:
-        """The store, opened once with migrations applied (several workers may ask at once)."""
+    async def store(self) -> AuthorizationStore:
+        """The store, opened once with migrations applied (several consumers may ask at once)."""
         async with self._store_lock:
             if self._store is None:
-                from authnotify.store import Store  # imported lazily: not every worker needs a database
-
-                self._store = await Store.connect(self.settings.database_url, self.settings.require_token_keys())
+                self._store = await open_store(self.settings.database_url, self.settings.require_token_keys())
             return self._store
 
     async def http(self) -> aiohttp.ClientSession:
@@ -43,6 +39,6 @@ class Resources:
         if self._http is not None and not self._http.closed:
             await self._http.close()
         self._http = None
-        if self._store is not None:
+        if self._store is not None and self._owns_store:
             await self._store.close()
             self._store = None

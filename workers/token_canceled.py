@@ -1,30 +1,26 @@
-"""The ``token-canceled`` worker: marks an authorization canceled and tells the merchant.
+"""The ``token-canceled`` consumer: marks an authorization canceled and tells the merchant.
 
-Contract sections 1 and 5. The event carries everything known from the earlier TOKEN_CREATED
+The event carries everything known from the earlier TOKEN_CREATED
 (referenceAgreementId, customer, scopes...), filled in by the store. A cancellation that arrives before its
 TOKEN_CREATED leaves a canceled tombstone, so the late TOKEN_CREATED never activates it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from authnotify.domain.events import MerchantEvent
-from authnotify.store import Cancellation, Store
-from authnotify.messaging.topology import Consumer
 from authnotify.alipay.notifications import (
+    TOKEN_CANCELED,
     AmsTokenCanceled,
     ApsTokenCanceled,
     TokenCanceled,
-    notification_parser,
+    parse_notification,
 )
-from authnotify.messaging.consumer import MessageContext, WorkerSpec, annotate
-
-if TYPE_CHECKING:
-    from authnotify.workers.resources import Resources
-
-
-NOTIFY_TYPE = "TOKEN_CANCELED"
+from authnotify.domain.authorizations import Cancellation
+from authnotify.domain.events import MerchantEvent, cancellation_events
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.messaging.topology import Consumer
+from authnotify.observability.logging import annotate
+from authnotify.store import AuthorizationStore
+from authnotify.workers.resources import Resources
 
 
 def cancellation(notification: TokenCanceled) -> Cancellation:
@@ -48,25 +44,26 @@ def cancellation(notification: TokenCanceled) -> Cancellation:
     )
 
 
+def parse_token_canceled(body: bytes, context: MessageContext) -> TokenCanceled:
+    model: TokenCanceled = parse_notification(body, context.provider, TOKEN_CANCELED)
+    return model
+
+
 async def handle_token_canceled(
-    notification: TokenCanceled, context: MessageContext, *, store: Store
+    notification: TokenCanceled, context: MessageContext, *, store: AuthorizationStore
 ) -> list[MerchantEvent]:
-    recorded = await store.record_cancellation(
-        cancellation(notification), possibly_seen_before=context.possibly_seen_before
-    )
-    authorization = recorded.authorization
+    transition = await store.record_cancellation(cancellation(notification))
+    events = cancellation_events(transition, possibly_seen_before=context.possibly_seen_before)
+    authorization = transition.authorization
     annotate(provider=authorization.provider, fingerprint=authorization.accessTokenFingerprint,
-             status=authorization.status, emitted=[event.type for event in recorded.events])
-    return recorded.events
+             status=authorization.status, emitted=[event.type for event in events])
+    return events
 
 
-parse_token_canceled = notification_parser(NOTIFY_TYPE)
-
-
-async def worker_spec(resources: Resources) -> WorkerSpec:
+async def consumer(resources: Resources) -> ConsumerSpec:
     store = await resources.store()
 
     async def handle(notification: TokenCanceled, context: MessageContext) -> list[MerchantEvent]:
         return await handle_token_canceled(notification, context, store=store)
 
-    return WorkerSpec(consumer=Consumer.TOKEN_CANCELED, parse=parse_token_canceled, handle=handle)
+    return ConsumerSpec(consumer=Consumer.TOKEN_CANCELED, parse=parse_token_canceled, handle=handle)

@@ -1,32 +1,21 @@
-"""The ``token-created`` worker: records the tokens a TOKEN_CREATED notification carries.
+"""The ``token-created`` consumer: records the tokens a TOKEN_CREATED notification carries.
 
-Contract sections 1 and 5. Alipay+ sends the tokens, their expiry times, scopes and the customer; AMS sends
+Alipay+ sends the tokens, their expiry times, scopes and the customer; AMS sends
 the access token and who it belongs to (its ``userId`` is the wallet's id of the user: our ``customerId``).
-The store decides, idempotently, whether ``authorization.activated`` is to be emitted: once per
-authorization, again only when this message may have been seen before (so a lost publish is repaired), and
-never for an authorization already canceled.
+``authorization.activated`` is emitted by the domain's event rules: once per authorization, again only when
+this message may have been seen before (so a lost publish is repaired), never for a canceled one.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from authnotify.domain.events import MerchantEvent
-from authnotify.store import Store, TokenGrant
+from authnotify.alipay.notifications import TOKEN_CREATED, AmsTokenCreated, ApsTokenCreated, TokenCreated, parse_notification
+from authnotify.domain.authorizations import TokenGrant
+from authnotify.domain.events import MerchantEvent, activation_events
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext
 from authnotify.messaging.topology import Consumer
-from authnotify.alipay.notifications import (
-    AmsTokenCreated,
-    ApsTokenCreated,
-    TokenCreated,
-    notification_parser,
-)
-from authnotify.messaging.consumer import MessageContext, WorkerSpec, annotate
-
-if TYPE_CHECKING:
-    from authnotify.workers.resources import Resources
-
-
-NOTIFY_TYPE = "TOKEN_CREATED"
+from authnotify.observability.logging import annotate
+from authnotify.store import AuthorizationStore
+from authnotify.workers.resources import Resources
 
 
 def token_grant(notification: TokenCreated) -> TokenGrant:
@@ -57,25 +46,26 @@ def token_grant(notification: TokenCreated) -> TokenGrant:
     )
 
 
+def parse_token_created(body: bytes, context: MessageContext) -> TokenCreated:
+    model: TokenCreated = parse_notification(body, context.provider, TOKEN_CREATED)
+    return model
+
+
 async def handle_token_created(
-    notification: TokenCreated, context: MessageContext, *, store: Store
+    notification: TokenCreated, context: MessageContext, *, store: AuthorizationStore
 ) -> list[MerchantEvent]:
-    recorded = await store.record_tokens(
-        token_grant(notification), possibly_seen_before=context.possibly_seen_before
-    )
-    authorization = recorded.authorization
+    transition = await store.record_tokens(token_grant(notification))
+    events = activation_events(transition, possibly_seen_before=context.possibly_seen_before)
+    authorization = transition.authorization
     annotate(provider=authorization.provider, fingerprint=authorization.accessTokenFingerprint,
-             status=authorization.status, emitted=[event.type for event in recorded.events])
-    return recorded.events
+             status=authorization.status, emitted=[event.type for event in events])
+    return events
 
 
-parse_token_created = notification_parser(NOTIFY_TYPE)
-
-
-async def worker_spec(resources: Resources) -> WorkerSpec:
+async def consumer(resources: Resources) -> ConsumerSpec:
     store = await resources.store()
 
     async def handle(notification: TokenCreated, context: MessageContext) -> list[MerchantEvent]:
         return await handle_token_created(notification, context, store=store)
 
-    return WorkerSpec(consumer=Consumer.TOKEN_CREATED, parse=parse_token_created, handle=handle)
+    return ConsumerSpec(consumer=Consumer.TOKEN_CREATED, parse=parse_token_created, handle=handle)

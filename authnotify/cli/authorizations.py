@@ -1,6 +1,6 @@
 """``authnotify authorizations list`` and ``show``: stored authorizations, never raw tokens.
 
-``--json`` prints the contract's section-6 ``data`` objects (an array for ``list``, one object for ``show``);
+``--json`` prints the ``data`` objects of the merchant events (an array for ``list``, one object for ``show``);
 otherwise a table. Reading needs no AUTHNOTIFY_TOKEN_KEYS: nothing here decrypts.
 """
 
@@ -13,10 +13,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from authnotify.cli.main import EXIT_FAILURE, EXIT_OK, CommandError
-from authnotify.config.settings import Settings
-from authnotify.domain.events import AuthorizationData
-from authnotify.store import Store, StoreError
+from authnotify.config import Settings
+from authnotify.domain.authorizations import AuthorizationData
+from authnotify.errors import EXIT_FAILURE, EXIT_OK, CommandError, StoreError
+from authnotify.store import open_store
 
 _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("provider", "Provider"),
@@ -33,7 +33,7 @@ _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        store = await Store.connect(settings.database_url, None)
+        store = await open_store(settings.database_url, None)
     except StoreError as exc:
         raise CommandError(f"authnotify: {exc}") from None
     try:

@@ -1,7 +1,8 @@
-"""The ``authnotify`` command (contract section 2): every subcommand and its arguments, in one place.
+"""The ``authnotify`` command: every subcommand and its arguments, in one place.
 
-Each subcommand's work lives in the module named beside it; this file only parses, configures and maps
-failures to one line on stderr and a non-zero exit, never a traceback.
+Each subcommand's work lives in the module that runs it (the services in their packages, the operator
+commands beside this file, ``dev`` and ``simulate`` in :mod:`authnotify.devtools`); this file only parses,
+configures and maps failures to one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,21 +14,10 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from authnotify.config.settings import ConfigError, Settings, load_settings
-
-CONSUMER_NAMES = ("authcode-created", "token-created", "token-canceled", "merchant-events")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """A command could not do its job; the message is the one line printed on stderr."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+from authnotify.config import Settings, load_settings
+from authnotify.config.values import positive_int
+from authnotify.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError, ConfigError
+from authnotify.messaging.topology import CONSUMER_NAMES
 
 
 def _consumer_name(value: str) -> str:
@@ -36,16 +26,6 @@ def _consumer_name(value: str) -> str:
             f"unknown worker {value!r} (choose from {', '.join(CONSUMER_NAMES)})"
         )
     return value
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     commands.add_parser("ingress", help="run the HTTP ingress")
-    worker = commands.add_parser("worker", help="run consumers (none named = all four)")
+    worker = commands.add_parser("worker", help=f"run consumers (none named = all {len(CONSUMER_NAMES)})")
     worker.add_argument("names", nargs="*", type=_consumer_name, metavar="NAME")
     commands.add_parser("topology", help="declare every exchange and queue")
     commands.add_parser("migrate", help="bring the database schema up to date")
@@ -129,7 +109,7 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
     configure_logging(settings.log_format, level=logging.INFO if service else logging.WARNING)
 
     if command == "ingress":
-        from authnotify.ingress.app import run_ingress
+        from authnotify.ingress.server import run_ingress
 
         return _run(lambda: run_ingress(settings))
     if command == "worker":
@@ -170,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"authnotify: configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # the last line of defence: one line, never a traceback
         detail = str(exc).splitlines()[0][:300] if str(exc) else ""
         print(f"authnotify: {type(exc).__name__}{': ' + detail if detail else ''}", file=sys.stderr)

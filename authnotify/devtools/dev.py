@@ -1,9 +1,9 @@
-"""``authnotify dev``: the whole pipeline in one process, offline, on local defaults (contract section 9).
+"""``authnotify dev``: the whole pipeline in one process, offline, on local defaults.
 
 It reads the normal configuration (environment and ``.env``) and fills in what is not set: development
 keys and client ids (``.authnotify/``, created on the first run), a simulated Alipay gateway answering
 ``applyToken`` and a merchant endpoint that prints every event, both served on localhost, the SQLite file,
-console logs. Then it runs the ingress and all four workers until Ctrl-C or SIGTERM, and stops them in the
+console logs. Then it runs the ingress and every consumer until Ctrl-C or SIGTERM, and stops them in the
 order that loses nothing: the ingress first (it answers what is in flight), then the workers (they finish
 what they hold, merchant deliveries included), then the simulated outside world.
 
@@ -19,20 +19,19 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from authnotify.cli.main import CONSUMER_NAMES, EXIT_USAGE, CommandError
+from authnotify.alipay.notifications import NOTIFY_PATHS
+from authnotify.config import ENV_PREFIX, PROVIDERS, DevSettings, Settings, load, load_settings
+from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
 from authnotify.devtools.devkeys import (
     ALIPAY_PRIVATE_KEY,
     ALIPAY_PUBLIC_KEY,
-    DEFAULT_DEV_DIR,
     DEV_AMS_CLIENT_ID,
     DEV_APS_CLIENT_ID,
     DEV_CUSTOMER_BELONGS_TO,
@@ -44,8 +43,18 @@ from authnotify.devtools.devkeys import (
     write_dev_description,
     write_merchants_file,
 )
-from authnotify.config.settings import ENV_PREFIX, PROVIDERS, Settings, load_settings
-from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
+from authnotify.devtools.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
+from authnotify.devtools.sandbox.merchant_endpoint import MerchantEndpoint
+from authnotify.errors import EXIT_OK, EXIT_USAGE, CommandError
+from authnotify.ingress.app import create_app
+from authnotify.ingress.server import DRAIN_TIMEOUT_SECONDS, LISTEN_BACKLOG
+from authnotify.messaging.connection import BrokerUnreachable, connect_once
+from authnotify.messaging.lifecycle import Lifecycle
+from authnotify.messaging.topology import CONSUMER_NAMES
+from authnotify.observability.logging import configure_logging, get_logger
+from authnotify.workers.process import Workers
+from authnotify.workers.registry import build_specs
+from authnotify.workers.resources import Resources
 
 LOCALHOST = "127.0.0.1"
 MERCHANT_PATH = "/webhooks/alipay-authorization"
@@ -56,42 +65,13 @@ READY_LINE = "authnotify dev is ready"
 DEV_PROVIDER_CLIENT_IDS = {"ams": DEV_AMS_CLIENT_ID, "aps": DEV_APS_CLIENT_ID}
 
 
-class DevSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}DEV_", env_file=".env", extra="ignore")
-
-    gateway_port: int = Field(default=8081, ge=0, le=65535)
-    merchant_port: int = Field(default=8082, ge=0, le=65535)
-    dir: Path = DEFAULT_DEV_DIR
-
-
-def _dev_settings() -> DevSettings:
-    from pydantic import ValidationError
-
-    try:
-        return DevSettings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = f"{ENV_PREFIX}DEV_{str(first['loc'][0]).upper()}" if first.get("loc") else "AUTHNOTIFY_DEV_*"
-        raise CommandError(f"authnotify: configuration: {name}: {first.get('msg')}", EXIT_USAGE) from None
-
-
-def _safe_url(url: str) -> str:
-    from yarl import URL
-
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
-
-
 async def check_broker(settings: Settings) -> None:
     """One plain connection attempt, so a missing broker is one clear line instead of endless retries."""
-    import aio_pika
-
     try:
-        connection = await aio_pika.connect(settings.rabbitmq_url, timeout=BROKER_CHECK_TIMEOUT_SECONDS)
-    except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+        connection = await connect_once(settings.rabbitmq_url, timeout=BROKER_CHECK_TIMEOUT_SECONDS)
+    except BrokerUnreachable as exc:
         raise CommandError(
-            f"authnotify dev: no RabbitMQ at {_safe_url(settings.rabbitmq_url)} ({reason}): start one with "
+            f"authnotify dev: no RabbitMQ at {exc.url} ({exc.reason}): start one with "
             "`bash scripts/ensure-rabbitmq.sh` (or `make dev`, which runs it), or point "
             "AUTHNOTIFY_RABBITMQ_URL at one"
         ) from None
@@ -172,10 +152,8 @@ def _simulate_command() -> str:
 
 def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url: str, merchant_url: str,
                dev_providers: list[str]) -> str:
-    from authnotify.devtools.simulate import NOTIFY_PATHS
-
     lines = [
-        f"authnotify dev: ingress and {len(CONSUMER_NAMES)} workers in one process "
+        f"authnotify dev: ingress and {len(CONSUMER_NAMES)} consumers in one process "
         f"(namespace {settings.namespace}, {settings.queue_type} queues, {settings.database_url})",
         f"  development keys   {keys.directory} "
         + (f"(created: {', '.join(keys.created)})" if keys.created else "(reused)"),
@@ -203,25 +181,21 @@ def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url:
     return "\n".join(lines)
 
 
+def _quietly(cleanup: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+    """A stop step whose failure does not keep the later ones from running or end dev with an error."""
+    async def run() -> None:
+        with contextlib.suppress(Exception):
+            await cleanup()
+
+    return run
+
+
 async def run(args: argparse.Namespace) -> int:
-    from authnotify.devtools.sandbox.alipay_gateway import AlipayGateway, start_alipay_gateway
-    from authnotify.devtools.sandbox.merchant_endpoint import MerchantEndpoint
-    from authnotify.ingress.app import DRAIN_TIMEOUT_SECONDS, LISTEN_BACKLOG, create_app
-    from authnotify.observability.logging import configure_logging, get_logger
-    from authnotify.workers.process import build_specs
-    from authnotify.workers.resources import Resources
-    from authnotify.messaging.consumer import WorkerRuntime
-
-    dev = _dev_settings()
+    dev = load(DevSettings)
     base = load_settings()
-    keys = ensure_dev_keys(dev.dir)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    keys = ensure_dev_keys(dev.dev_dir)
 
-    cleanups: list[Any] = []  # run in reverse order on the way out
-    try:
+    async with Lifecycle() as lifecycle:
         # The simulated outside world first: its URLs go into the configuration.
         provisional, _, _ = dev_configuration(base, keys, f"http://{LOCALHOST}", keys.path(MERCHANTS_FILE))
         if not provisional.providers():
@@ -244,9 +218,9 @@ async def run(args: argparse.Namespace) -> int:
             ])
 
         merchant_app.router.add_get(MERCHANT_EVENTS_PATH, merchant_events)
-        merchant_runner, merchant_port = await _serve(merchant_app, LOCALHOST, dev.merchant_port,
+        merchant_runner, merchant_port = await _serve(merchant_app, LOCALHOST, dev.dev_merchant_port,
                                                       "merchant endpoint", f"{ENV_PREFIX}DEV_MERCHANT_PORT")
-        cleanups.append(merchant_runner.cleanup)
+        lifecycle.on_stop(_quietly(merchant_runner.cleanup))
         merchant_base = f"http://{LOCALHOST}:{merchant_port}"
         merchant_url = merchant_base + MERCHANT_PATH
         merchants_file = write_merchants_file(keys, merchant_url)
@@ -260,29 +234,29 @@ async def run(args: argparse.Namespace) -> int:
             token_secret=keys.gateway_secret,
         )
         try:
-            running_gateway = await start_alipay_gateway(gateway, host=LOCALHOST, port=dev.gateway_port)
+            running_gateway = await start_alipay_gateway(gateway, host=LOCALHOST, port=dev.dev_gateway_port)
         except OSError as exc:
-            raise CommandError(f"authnotify dev: cannot listen on {LOCALHOST}:{dev.gateway_port} for the "
+            raise CommandError(f"authnotify dev: cannot listen on {LOCALHOST}:{dev.dev_gateway_port} for the "
                                f"simulated Alipay gateway ({exc.strerror or exc}): set "
                                f"{ENV_PREFIX}DEV_GATEWAY_PORT to a free port") from None
-        cleanups.append(running_gateway.aclose)
+        lifecycle.on_stop(_quietly(running_gateway.aclose))
         gateway_url = running_gateway.url
         settings, environment, dev_providers = dev_configuration(base, keys, gateway_url, merchants_file)
 
-        # The workers, then the ingress: the ingress answers S only once a queue holds the message.
+        # The workers, then the ingress: the ingress answers S only once a queue holds the message, and on
+        # the way out it stops first, while the workers still take what it published.
         resources = Resources(settings)
-        cleanups.append(resources.aclose)
+        lifecycle.on_stop(_quietly(resources.aclose))
         specs = await build_specs(resources, list(CONSUMER_NAMES))
         worker_port = settings.worker_http_port if "worker_http_port" in base.model_fields_set else 0
-        runtime = WorkerRuntime(settings, specs, http_port=worker_port)
-        await runtime.start()
-        cleanups.append(runtime.stop)
+        workers = Workers(settings, specs, http_port=worker_port)
+        await workers.start()
+        lifecycle.on_stop(_quietly(workers.stop))
 
-        ingress_app = create_app(settings)
-        ingress_runner = web.AppRunner(ingress_app, access_log=None, handle_signals=False,
+        ingress_runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False,
                                        shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
         await ingress_runner.setup()
-        cleanups.append(ingress_runner.cleanup)
+        lifecycle.on_stop(_quietly(ingress_runner.cleanup))
         try:
             await web.TCPSite(ingress_runner, settings.http_host, settings.http_port,
                               backlog=LISTEN_BACKLOG).start()
@@ -305,25 +279,19 @@ async def run(args: argparse.Namespace) -> int:
             "pid": os.getpid(),
         }, environment)
 
-        waiting = asyncio.ensure_future(runtime.wait_ready(READY_TIMEOUT_SECONDS))
-        stopped = asyncio.ensure_future(stop.wait())
+        waiting = asyncio.ensure_future(workers.wait_ready(READY_TIMEOUT_SECONDS))
+        stopped = asyncio.ensure_future(lifecycle.stop_requested.wait())
         await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
         if not waiting.done():
             waiting.cancel()
-            return 0  # stopped before the consumers were up
-        stopped.cancel()
+            return EXIT_OK  # stopped before the consumers were up
         if waiting.exception() is not None:
             raise CommandError(f"authnotify dev: the workers did not start within {READY_TIMEOUT_SECONDS:.0f}s "
                                "(is the broker healthy? see the log above)")
         print(run_banner(settings, keys, ingress_url, gateway_url, merchant_url, dev_providers), flush=True)
         print(READY_LINE, flush=True)
         log.info("dev_ready", ingress=ingress_url, gateway=gateway_url, merchant=merchant_url)
-        await stop.wait()
+        await lifecycle.run_until_stopped()
         log.info("dev_stopping")
-        return 0
-    finally:
-        for cleanup in reversed(cleanups):
-            with contextlib.suppress(Exception):
-                await cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+    return EXIT_OK

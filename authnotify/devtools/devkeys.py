@@ -32,11 +32,12 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from authnotify.config.settings import ConfigError
+from authnotify.config import DevSettings
 from authnotify.config.keys import InvalidKeyError, load_private_key, private_key_pem, public_key_pem
 from authnotify.domain.merchants import SECRET_PREFIX, generate_secret
+from authnotify.errors import ConfigError
 
-DEFAULT_DEV_DIR = Path(".authnotify")
+DEFAULT_DEV_DIR: Path = DevSettings.model_fields["dev_dir"].default
 DEV_AMS_CLIENT_ID = "SANDBOX_DEV_AMS"
 DEV_APS_CLIENT_ID = "2188000000000000"
 DEV_CUSTOMER_BELONGS_TO = "ALIPAY_CN"

@@ -36,59 +36,23 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from authnotify.cli.main import positive_int
-from authnotify.ingress.app import NOTIFY_PATHS
+from authnotify.alipay.notifications import NOTIFY_PATHS, NOTIFY_TYPES
+from authnotify.config import SimulateSettings, load
+from authnotify.config.values import non_negative_float, positive_float, positive_int
+from authnotify.devtools.devkeys import DEFAULT_DEV_DIR
+from authnotify.errors import EXIT_FAILURE, EXIT_OK, CommandError, ConfigError
 
 RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 54000.0)  # seed 001
 SCENARIOS = ("lifecycle", "authcode-created", "token-created", "token-canceled", "duplicates", "retry-pattern")
-NOTIFY_TYPES = ("AUTHCODE_CREATED", "TOKEN_CREATED", "TOKEN_CANCELED")
 DEFAULT_URL = "http://127.0.0.1:8080"
-DEFAULT_DEV_DIR = ".authnotify"
 ACTIVATION_WAIT_SECONDS = 30.0
 _ALIPAY_OFFSET = timezone(timedelta(hours=8))
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 # The merchant ids the Alipay+ samples use (seed 003): auth client and reference merchant.
 APS_AUTH_CLIENT_ID = "218823863726123456789"
 APS_REFERENCE_MERCHANT_ID = "218823863726123456780"
 APS_ACQUIRER_ID = "1021234567891230001"
 APS_PSP_ID = "1021234567891230002"
-
-
-class SimulateError(Exception):
-    """The simulation cannot run; the message is the one line printed on stderr."""
-
-
-class SimulateSettings(BaseSettings):
-    """What simulate reads from the environment (and ``.env``); options override it."""
-
-    model_config = SettingsConfigDict(env_prefix="AUTHNOTIFY_", env_file=".env", extra="ignore")
-
-    ams_client_id: str | None = None
-    aps_client_id: str | None = None
-    simulate_url: str | None = None
-    simulate_alipay_private_key: str | None = None  # signs the notifications
-    simulate_public_key: str | None = None  # ours: verifies the ingress's answers
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError("must be zero or more")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = _non_negative_float(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError("must be more than zero")
-    return number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=("ams", "aps", "both"), default="both")
     parser.add_argument("--count", type=positive_int, default=1,
                         help="notifications (lifecycles) per provider (default 1)")
-    parser.add_argument("--rate", type=_non_negative_float, default=0.0,
+    parser.add_argument("--rate", type=non_negative_float, default=0.0,
                         help="at most this many notifications a second (default 0: as fast as allowed)")
     parser.add_argument("--concurrency", type=positive_int, default=32,
                         help="requests in flight at once (default 32)")
@@ -107,17 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the notification duplicates and retry-pattern send (default TOKEN_CREATED)")
     parser.add_argument("--repeat", type=positive_int, default=3,
                         help="duplicates: sends of each notification (default 3)")
-    parser.add_argument("--time-scale", type=_positive_float, default=3600.0,
+    parser.add_argument("--time-scale", type=positive_float, default=3600.0,
                         help="retry-pattern: divide Alipay's schedule by this (default 3600: 1h -> 1s)")
     parser.add_argument("--stop-on-success", action="store_true",
                         help="retry-pattern: stop resending at the first S answer, as Alipay does")
-    parser.add_argument("--gap", type=_non_negative_float, default=1.0,
+    parser.add_argument("--gap", type=non_negative_float, default=1.0,
                         help="lifecycle: seconds before the cancellations when no dev merchant endpoint "
                              "can be watched (default 1)")
     parser.add_argument("--request-time", choices=("iso", "epoch", "alternate"), default="alternate",
                         help="Request-Time form: ISO 8601, epoch milliseconds, or both in turn (default)")
     parser.add_argument("--key-version", default="1", help="keyVersion in the Signature header (default 1)")
-    parser.add_argument("--timeout", type=_positive_float, default=10.0,
+    parser.add_argument("--timeout", type=positive_float, default=10.0,
                         help="seconds to wait for each answer (default 10)")
     parser.add_argument("--dev-dir", default=DEFAULT_DEV_DIR, type=Path,
                         help="where `authnotify dev` keeps its keys (default .authnotify)")
@@ -261,28 +225,35 @@ class Identity:
 
 
 def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity:
-    from authnotify.config.settings import ConfigError
-    from authnotify.config.keys import ANY_KEY_VERSION, InvalidKeyError, PublicKeyRing, load_private_key, load_public_key_ring
-
+    from authnotify.config.keys import (
+        ANY_KEY_VERSION,
+        InvalidKeyError,
+        PublicKeyRing,
+        load_private_key,
+        load_public_key_ring,
+    )
     from authnotify.devtools.devkeys import load_dev_keys, read_dev_description
 
-    env = SimulateSettings()
+    try:
+        env = load(SimulateSettings)
+    except ConfigError as exc:
+        raise CommandError(f"authnotify simulate: configuration: {exc}") from None
     try:
         dev_keys = load_dev_keys(args.dev_dir)
         described = read_dev_description(args.dev_dir) or {}
     except ConfigError as exc:
-        raise SimulateError(f"authnotify simulate: {exc}") from None
+        raise CommandError(f"authnotify simulate: {exc}") from None
 
     url = (args.url or env.simulate_url or described.get("ingress_url") or DEFAULT_URL).rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise SimulateError(f"authnotify simulate: --url {url!r} is not an http(s) URL")
+        raise CommandError(f"authnotify simulate: --url {url!r} is not an http(s) URL")
 
     client_ids: dict[str, str] = {}
     for provider in providers:
         client_id = (getattr(args, f"{provider}_client_id") or getattr(env, f"{provider}_client_id")
                      or (described.get("client_ids") or {}).get(provider))
         if not client_id:
-            raise SimulateError(
+            raise CommandError(
                 f"authnotify simulate: no {provider.upper()} Client-Id: pass --{provider}-client-id, set "
                 f"AUTHNOTIFY_{provider.upper()}_CLIENT_ID, or start `authnotify dev` here first")
         client_ids[provider] = client_id
@@ -292,11 +263,11 @@ def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity
         try:
             alipay_key = load_private_key(private_value)
         except InvalidKeyError as exc:
-            raise SimulateError(f"authnotify simulate: Alipay private key: {exc}") from None
+            raise CommandError(f"authnotify simulate: Alipay private key: {exc}") from None
     elif dev_keys is not None:
         alipay_key = dev_keys.alipay_private_key
     else:
-        raise SimulateError(
+        raise CommandError(
             f"authnotify simulate: no key to sign notifications with: no {args.dev_dir}/ here (start "
             "`authnotify dev` in this directory first) and no --alipay-private-key")
 
@@ -306,7 +277,7 @@ def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity
         try:
             public_keys = load_public_key_ring(public_value)
         except InvalidKeyError as exc:
-            raise SimulateError(f"authnotify simulate: our public key: {exc}") from None
+            raise CommandError(f"authnotify simulate: our public key: {exc}") from None
     elif dev_keys is not None:
         public_keys = PublicKeyRing({ANY_KEY_VERSION: dev_keys.our_public_key})
 
@@ -478,7 +449,7 @@ async def _wait_for_activations(identity: Identity, session: Any, fingerprints: 
 
 def build_plan(args: argparse.Namespace, providers: list[str], factory: NotificationFactory,
                identity: Identity, session: Any, notes: list[str]) -> Plan:
-    from authnotify.domain.events import access_token_fingerprint
+    from authnotify.domain.authorizations import access_token_fingerprint
 
     count = args.count
     scenario = args.scenario
@@ -491,7 +462,7 @@ def build_plan(args: argparse.Namespace, providers: list[str], factory: Notifica
 
     if scenario == "lifecycle":
         if factory.tokens_for_code is None:
-            raise SimulateError(
+            raise CommandError(
                 "authnotify simulate: lifecycle needs the dev gateway's secret to know the tokens auth codes "
                 f"become: run it where `authnotify dev` keeps {args.dev_dir}/, or use token-created")
         code_flows = [new(p, True) for _ in range(count) for p in providers]
@@ -556,7 +527,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 def summarize(args: argparse.Namespace, identity: Identity, tally: Tally, duration: float,
               authorizations: list[Authorization], notes: list[str]) -> dict[str, Any]:
-    from authnotify.domain.events import access_token_fingerprint
+    from authnotify.domain.authorizations import access_token_fingerprint
 
     answers = tally.answers
     grouped = Counter((a.http_status, a.result_status, a.result_code) for a in answers)
@@ -642,7 +613,7 @@ async def _check_reachable(session: Any, url: str) -> None:
             await response.read()
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-        raise SimulateError(
+        raise CommandError(
             f"authnotify simulate: ingress unreachable at {url} ({reason}): start `authnotify dev` "
             "(or `make dev`), or pass --url") from None
 
@@ -683,6 +654,6 @@ async def simulate(args: argparse.Namespace) -> int:
 async def run(args: argparse.Namespace) -> int:
     try:
         return await simulate(args)
-    except SimulateError as exc:
+    except CommandError as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.exit_code

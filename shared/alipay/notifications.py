@@ -1,24 +1,34 @@
-"""The field rules of the seeds, as pydantic models: one per provider and notification type.
+"""Alipay's notifications: where each provider sends them, their types, and their field rules.
 
-AMS ``notifyAuthorization`` (seed 001) and Alipay+ ``authNotify`` (seed 002). Every field is a JSON string
-(the seeds require strings even for numbers), maximum lengths are the seeds', and the fields a type needs
-are required on that type's model. Unknown fields are kept, not refused: providers add fields.
+AMS ``notifyAuthorization`` and Alipay+ ``authNotify`` as pydantic models, one per provider and notification
+type. Every field is a JSON string (Alipay requires strings even for numbers), maximum lengths are Alipay's,
+and the fields a type needs are required on that type's model. Unknown fields are kept, not refused:
+providers add fields.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
-if TYPE_CHECKING:
-    from authnotify.messaging.consumer import MessageContext
+from authnotify.errors import PermanentError
+
+# The paths Alipay calls on the ingress, by provider (and signs: the path is part of the signed content).
+NOTIFY_PATHS: dict[str, str] = {
+    "ams": "/ams/notifyAuthorization",
+    "aps": "/aps/api/v1/authorizations/authNotify",
+}
+
+AUTHCODE_CREATED = "AUTHCODE_CREATED"
+TOKEN_CREATED = "TOKEN_CREATED"
+TOKEN_CANCELED = "TOKEN_CANCELED"
+NOTIFY_TYPES: tuple[str, ...] = (AUTHCODE_CREATED, TOKEN_CREATED, TOKEN_CANCELED)
 
 
-class InvalidNotification(ValueError):
+class InvalidNotification(PermanentError):
     """The body breaks a field rule; the message is the dead-letter reason (never a secret value)."""
 
 
@@ -177,9 +187,9 @@ def _describe(error: ValidationError) -> str:
     return f"{location}: {message}" + (f" (and {more} more)" if more else "")
 
 
-def parse_notification(body: bytes, provider: str, notify_type: str) -> Any:
+def parse_notification(body: bytes, provider: str | None, notify_type: str) -> Any:
     """The validated model of a notification body, or :class:`InvalidNotification` with the reason."""
-    model = MODELS.get((provider, notify_type))
+    model = MODELS.get((provider or "", notify_type))
     if model is None:
         raise InvalidNotification(f"no {notify_type} notification for provider {provider!r}")
     try:
@@ -199,15 +209,3 @@ def parse_notification(body: bytes, provider: str, notify_type: str) -> Any:
     except ValidationError as exc:
         raise InvalidNotification(_describe(exc)) from None
 
-
-def notification_parser(notify_type: str) -> Callable[[bytes, MessageContext], Any]:
-    """The ``WorkerSpec.parse`` of a notification consumer: a broken field rule is a permanent failure."""
-    from authnotify.messaging.consumer import PermanentError
-
-    def parse(body: bytes, context: MessageContext) -> Any:
-        try:
-            return parse_notification(body, context.provider or "", notify_type)
-        except InvalidNotification as exc:
-            raise PermanentError(str(exc)) from None
-
-    return parse

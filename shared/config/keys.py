@@ -1,4 +1,4 @@
-"""Loading the RSA keys the Alipay portals hand out, whatever shape they arrive in.
+"""The RSA keys the Alipay portals hand out, as configuration values, whatever shape they arrive in.
 
 A key value is PEM text, bare base64 DER (PKCS#8 or PKCS#1 private keys, X.509 SubjectPublicKeyInfo or
 PKCS#1 public keys), or ``@/path/to/file`` holding either. An Alipay public key value may also be a JSON
@@ -20,6 +20,18 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 
 class InvalidKeyError(ValueError):
     """A key value that cannot be turned into an RSA key; the message never contains the key."""
+
+
+class PrivateKey:
+    """An RSA private key that never shows itself in a repr or an error."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: RSAPrivateKey) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return "PrivateKey(<redacted>)"
 
 
 ANY_KEY_VERSION = "*"

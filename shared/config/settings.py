@@ -1,65 +1,41 @@
-"""All configuration, read once from the environment (and a ``.env`` file) and validated at start.
+"""All configuration, read from the environment (and a ``.env`` file) in this one module, validated at start.
 
-Contract section 3. Every process builds one :class:`Settings` through :func:`load_settings`; nothing else
-reads ``os.environ``. A bad value fails the start with one line naming the variable.
+Every process builds its settings through :func:`load`; nothing else reads ``os.environ``. A bad value
+fails the start with one line naming the variable. The classes form one family over
+:class:`EnvironmentSettings`: :class:`Settings` holds the contract's variables, :class:`DevSettings` and
+:class:`SimulateSettings` the developer tools' own ``AUTHNOTIFY_DEV_*`` and ``AUTHNOTIFY_SIMULATE_*``.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from cryptography.fernet import Fernet, MultiFernet
+from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from authnotify.config.keys import InvalidKeyError, PublicKeyRing, load_private_key, load_public_key_ring
+from authnotify.config.keys import (
+    InvalidKeyError,
+    PrivateKey,
+    PublicKeyRing,
+    load_private_key,
+    load_public_key_ring,
+)
+from authnotify.config.values import parse_durations
+from authnotify.errors import ConfigError
 
 ENV_PREFIX = "AUTHNOTIFY_"
 PROVIDERS = ("ams", "aps")
 Provider = Literal["ams", "aps"]
 
 
-class ConfigError(Exception):
-    """A configuration problem, phrased as one line that names the variable."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"{text.strip()!r} is not a duration like 10s, 1m, 2h")
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"{text.strip()!r} must be longer than zero")
-    return seconds
-
-
 def _parse_retry_delays(value: Any) -> tuple[float, ...]:
     if isinstance(value, (tuple, list)):
         return tuple(float(v) for v in value)
-    text = str(value).strip()
-    if not text:
-        return ()
-    return tuple(parse_duration(part) for part in text.split(","))
-
-
-class PrivateKey:
-    """An RSA private key that never shows itself in a repr or an error."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: RSAPrivateKey) -> None:
-        self.key = key
-
-    def __repr__(self) -> str:
-        return "PrivateKey(<redacted>)"
+    return parse_durations(str(value))
 
 
 def _parse_private_key(value: Any) -> PrivateKey | None:
@@ -87,16 +63,16 @@ def _parse_public_keys(value: Any) -> PublicKeyRing | None:
 
 
 class TokenKeys:
-    """The Fernet keys of AUTHNOTIFY_TOKEN_KEYS: the first encrypts, all decrypt."""
+    """The Fernet keys of AUTHNOTIFY_TOKEN_KEYS, checked: the first encrypts, all decrypt (the store's
+    encryption module uses them)."""
 
-    __slots__ = ("count", "fernet")
+    __slots__ = ("keys",)
 
     def __init__(self, keys: list[str]) -> None:
-        self.count = len(keys)
-        self.fernet = MultiFernet([Fernet(k) for k in keys])
+        self.keys = tuple(keys)
 
     def __repr__(self) -> str:
-        return f"TokenKeys(<{self.count} redacted>)"
+        return f"TokenKeys(<{len(self.keys)} redacted>)"
 
 
 def _parse_token_keys(value: Any) -> TokenKeys | None:
@@ -136,7 +112,9 @@ class ProviderConfig:
         return f"ProviderConfig(name={self.name!r}, client_id={self.client_id!r}, gateway_url={self.gateway_url!r})"
 
 
-class Settings(BaseSettings):
+class EnvironmentSettings(BaseSettings):
+    """Reads ``AUTHNOTIFY_<FIELD>`` from the environment, then from ``.env``; the environment wins."""
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_file=".env",
@@ -145,6 +123,10 @@ class Settings(BaseSettings):
         validate_default=True,
         frozen=True,
     )
+
+
+class Settings(EnvironmentSettings):
+    """The contract's configuration: what the services and the operator commands run with."""
 
     rabbitmq_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", pattern=r"^amqps?://")
     database_url: str = Field(
@@ -211,6 +193,24 @@ class Settings(BaseSettings):
         return self.token_keys
 
 
+class DevSettings(EnvironmentSettings):
+    """``authnotify dev``'s own: where the simulated gateway and merchant listen, where the dev keys live."""
+
+    dev_gateway_port: int = Field(default=8081, ge=0, le=65535)
+    dev_merchant_port: int = Field(default=8082, ge=0, le=65535)
+    dev_dir: Path = Path(".authnotify")
+
+
+class SimulateSettings(EnvironmentSettings):
+    """What ``authnotify simulate`` reads; its options override it. Keys stay text until used."""
+
+    ams_client_id: str | None = None
+    aps_client_id: str | None = None
+    simulate_url: str | None = None
+    simulate_alipay_private_key: str | None = None  # signs the notifications
+    simulate_public_key: str | None = None  # ours: verifies the ingress's answers
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     loc = first.get("loc") or ()
@@ -221,9 +221,16 @@ def _describe(error: ValidationError) -> str:
     return message
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Reads and validates the configuration; raises :class:`ConfigError` with a one-line message."""
+AnySettings = TypeVar("AnySettings", bound=EnvironmentSettings)
+
+
+def load(settings_class: type[AnySettings], **overrides: Any) -> AnySettings:
+    """Reads and validates one settings class; raises :class:`ConfigError` with a one-line message."""
     try:
-        return Settings(**overrides)
+        return settings_class(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return load(Settings, **overrides)

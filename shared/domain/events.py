@@ -1,56 +1,27 @@
-"""Merchant events (contract section 6): the ``data`` object of an authorization and the event envelope.
+"""Merchant events: the envelope POSTed to merchants, its id, and the rules that say when one is due.
 
-The same :class:`AuthorizationData` is what ``authorizations list --json`` prints. An event's id, its
-``webhook-id``, is derived from (provider, accessTokenFingerprint, type), so every redelivery, retry and
-replay of the same event carries the same id and a merchant can deduplicate on it.
+An event's id, its ``webhook-id``, is derived from (provider, accessTokenFingerprint, type), so every
+redelivery, retry and replay of the same event carries the same id and a merchant can deduplicate on it.
+The rules make processing idempotent: an event is emitted when a write changed the authorization, and
+emitted again (byte for byte the same) only when the message may have been handled before, so an event
+lost between the commit and its publish is repaired, never doubled by a fresh duplicate.
 """
 
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict
 
+from authnotify.domain.authorizations import STATUS_ACTIVE, AuthorizationData, Transition, iso_utc
+
 EventType = Literal["authorization.activated", "authorization.canceled"]
-EVENT_TYPES: tuple[EventType, ...] = ("authorization.activated", "authorization.canceled")
-
-
-def access_token_fingerprint(access_token: str) -> str:
-    """The name of an authorization wherever one is needed: 16 hex digits of SHA-256 of the token."""
-    return hashlib.sha256(access_token.encode("utf-8")).hexdigest()[:16]
-
-
-def iso_utc(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-class AuthorizationData(BaseModel):
-    """Everything known about an authorization, never a raw token. Unknown fields are null."""
-
-    model_config = ConfigDict(frozen=True)
-
-    provider: Literal["ams", "aps"]
-    status: Literal["active", "canceled"]
-    accessTokenFingerprint: str
-    authClientId: str | None = None
-    referenceMerchantId: str | None = None
-    referenceAgreementId: str | None = None
-    customerId: str | None = None
-    userLoginId: str | None = None
-    authState: str | None = None
-    scopes: list[str] | None = None
-    accessTokenExpiryTime: str | None = None
-    refreshTokenExpiryTime: str | None = None
-    canceledAt: str | None = None
-    tokenCancelSource: str | None = None
-    reason: str | None = None
+ACTIVATED: EventType = "authorization.activated"
+CANCELED: EventType = "authorization.canceled"
+EVENT_TYPES: tuple[EventType, ...] = (ACTIVATED, CANCELED)
 
 
 def webhook_id(provider: str, fingerprint: str, event_type: str) -> str:
@@ -79,3 +50,19 @@ class MerchantEvent(BaseModel):
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
+
+
+def activation_events(transition: Transition, *, possibly_seen_before: bool) -> list[MerchantEvent]:
+    """``authorization.activated`` for a new authorization; never for a canceled one."""
+    if transition.authorization.status != STATUS_ACTIVE:
+        return []
+    if transition.changed or possibly_seen_before:
+        return [MerchantEvent.of(ACTIVATED, transition.authorization, transition.since)]
+    return []
+
+
+def cancellation_events(transition: Transition, *, possibly_seen_before: bool) -> list[MerchantEvent]:
+    """``authorization.canceled`` when this cancellation canceled it (a tombstone included)."""
+    if transition.changed or possibly_seen_before:
+        return [MerchantEvent.of(CANCELED, transition.authorization, transition.since)]
+    return []

@@ -30,8 +30,10 @@ from typing import Any, NoReturn
 from standardwebhooks import Webhook
 from yarl import URL
 
-from authnotify.config.settings import ENV_PREFIX, ConfigError, Settings
-from authnotify.domain.events import EVENT_TYPES, AuthorizationData
+from authnotify.config import ENV_PREFIX, Settings
+from authnotify.domain.authorizations import AuthorizationData
+from authnotify.domain.events import EVENT_TYPES
+from authnotify.errors import ConfigError
 
 MERCHANTS_FILE_VARIABLE = f"{ENV_PREFIX}MERCHANTS_FILE"
 DEFAULT_ENTRY = "default"

@@ -1,8 +1,8 @@
-"""The broker connection every process holds: robust, started whether or not RabbitMQ is up yet.
+"""Connections to the broker: the robust one every service holds, and the plain one a command opens.
 
 aio-pika's robust connection reconnects and restores channels, exchanges, queues and consumers after the
 broker comes back; the first connection, which aio-pika does not retry, is retried here so a process can
-start (and answer ``/readyz`` 503) before the broker does.
+start (and answer ``/readyz`` 503) before the broker does. A command instead fails fast, in one line.
 """
 
 from __future__ import annotations
@@ -14,13 +14,31 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from authnotify.observability.logging import get_logger
+from authnotify.errors import CommandError
 from authnotify.messaging.topology import Topology, declare_topology
+from authnotify.observability.logging import get_logger
+from authnotify.observability.redaction import mask_url
 
 log = get_logger("authnotify.broker")
 
 RECONNECT_INTERVAL_SECONDS = 1.0
 FIRST_CONNECT_MAX_BACKOFF_SECONDS = 5.0
+COMMAND_CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+class BrokerUnreachable(CommandError):
+    def __init__(self, url: str, error: BaseException) -> None:
+        super().__init__(f"authnotify: broker unreachable at {url} ({type(error).__name__})")
+        self.url = url  # the password masked
+        self.reason = "timed out" if isinstance(error, asyncio.TimeoutError) else type(error).__name__
+
+
+async def connect_once(url: str, *, timeout: float = COMMAND_CONNECT_TIMEOUT_SECONDS) -> aio_pika.abc.AbstractConnection:
+    """A plain connection for a command: :class:`BrokerUnreachable` (one line) instead of retrying."""
+    try:
+        return await aio_pika.connect(url, timeout=timeout)
+    except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        raise BrokerUnreachable(mask_url(url), exc) from None
 
 
 class Broker:
@@ -35,6 +53,14 @@ class Broker:
         self._task: asyncio.Task[None] | None = None
         self._on_connect: list[Callable[[AbstractRobustConnection], Awaitable[None]]] = []
 
+    @classmethod
+    def on_connection(cls, connection: aio_pika.abc.AbstractConnection, topology: Topology) -> Broker:
+        """A broker on a connection a command already opened (with :func:`connect_once`): nothing is retried."""
+        broker = cls("", topology, connection_name="command")
+        broker._connection = connection  # type: ignore[assignment]  # plain, not robust: commands fail fast
+        broker._connected.set()
+        return broker
+
     @property
     def topology(self) -> Topology:
         return self._topology
@@ -48,7 +74,7 @@ class Broker:
         self._on_connect.append(callback)
 
     def start(self) -> None:
-        if self._task is None:
+        if self._task is None and not self._connected.is_set():
             self._task = asyncio.create_task(self._connect_until_connected(), name="broker-connect")
 
     async def wait_connected(self, timeout: float | None = None) -> AbstractRobustConnection:
@@ -60,7 +86,8 @@ class Broker:
     @property
     def is_open(self) -> bool:
         connection = self.connection
-        return connection is not None and not connection.is_closed and not connection.reconnecting
+        return (connection is not None and not connection.is_closed
+                and not getattr(connection, "reconnecting", False))
 
     async def _connect_until_connected(self) -> None:
         backoff = 0.2

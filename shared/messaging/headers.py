@@ -1,4 +1,4 @@
-"""The AMQP message properties and headers authnotify reads and writes (its own design, not the contract).
+"""The AMQP headers authnotify reads and writes on its messages (its own design, not part of the contract).
 
 The body of a notification message is always the raw request body Alipay sent, byte for byte; everything
 else about a message travels in these headers so retries, dead-lettering and replay never touch the body.
@@ -6,11 +6,9 @@ else about a message travels in these headers so retries, dead-lettering and rep
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
-
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
 
 PROVIDER = "authnotify-provider"  # "ams" or "aps"
 NOTIFY_TYPE = "authnotify-notify-type"  # authorizationNotifyType, or "unknown"; event type for events
@@ -24,11 +22,27 @@ DEAD_AT = "authnotify-dead-at"
 HISTORY = "authnotify-history"  # earlier deaths, oldest first: [{reason, attempts, queue, at}]
 REPLAYED = "authnotify-replayed"  # number of times an operator replayed it
 
+# What the broker adds when it dead-letters or redelivers; a replayed message starts clean of them.
+BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-exchange", "x-first-death-queue",
+                  "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
+DEAD_HEADERS = (DEAD_REASON, DEAD_ATTEMPTS, DEAD_QUEUE, DEAD_AT, LAST_ERROR)
+
 JSON_CONTENT_TYPE = "application/json"
+
+_formatted_second = -1
+_formatted_prefix = ""
 
 
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now as ISO 8601 UTC with milliseconds and "Z"; the date and time are formatted once a second (the
+    ingress stamps every notification with it)."""
+    global _formatted_second, _formatted_prefix
+    now = time.time()
+    second = int(now)
+    if second != _formatted_second:
+        _formatted_prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _formatted_second = second
+    return f"{_formatted_prefix}{int((now - second) * 1000):03d}Z"
 
 
 def header_int(headers: dict[str, Any] | None, name: str, default: int = 0) -> int:
@@ -46,19 +60,3 @@ def header_str(headers: dict[str, Any] | None, name: str) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-
-def copy_with_headers(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """The same message (body, id, properties), persistent, with new headers: how a retry, a dead letter
-    and a replay re-publish what they received."""
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type or JSON_CONTENT_TYPE,
-        content_encoding=message.content_encoding,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )

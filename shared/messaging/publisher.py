@@ -1,9 +1,13 @@
-"""Publishing a notification with publisher confirms, bounded in flight, never waiting on a dead broker.
+"""The one confirmed publisher: every message authnotify sends goes through :class:`ConfirmedPublisher`.
 
-The ingress may answer SUCCESS only after :meth:`NotificationPublisher.publish` returns: the broker has then
-confirmed the message durably (persistent, to durable queues) and routed it (``mandatory`` with a channel
-that raises on a return). Every failure raises :class:`PublishFailed` quickly: when the connection or channel
-is down the publish is not even tried, because a robust aio-pika channel would wait for the reconnect.
+:meth:`ConfirmedPublisher.publish` returns only when the broker has confirmed the message durably
+(persistent, to durable queues) and routed it (``mandatory`` on a channel that raises on a return). Every
+failure raises :class:`~authnotify.errors.PublishFailed` quickly: when the connection or the channel is down
+the publish is not even tried, because a robust aio-pika channel would wait for the reconnect.
+
+The ingress answers Alipay only after a publish returns; the consumer runtime acks a message only after its
+follow-ups (events, retries, dead letters) are published; ``dlq replay`` removes a dead letter only after its
+copy is. :class:`Publisher` is the interface they depend on, so tests can put an in-memory one in its place.
 """
 
 from __future__ import annotations
@@ -11,69 +15,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq.abc
-from aio_pika.abc import AbstractRobustChannel
-from aiormq import spec
+from aio_pika.abc import AbstractChannel, AbstractRobustChannel
 
+from authnotify.errors import PublishFailed
 from authnotify.messaging.connection import Broker
+from authnotify.messaging.messages import OutgoingMessage
 from authnotify.observability.logging import get_logger
-from authnotify.messaging.headers import JSON_CONTENT_TYPE
 from authnotify.observability.metrics import PUBLISH_CONFIRM_SECONDS
 
-log = get_logger("authnotify.ingress")
+log = get_logger("authnotify.publisher")
 
-# Alipay+ gives up on an answer after 5 s and the contract allows no answer over 5 s: the confirm wait
-# leaves room for reading the request and writing the answer.
-CONFIRM_TIMEOUT_SECONDS = 4.5
 CHANNEL_RETRY_SECONDS = 1.0
-PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
-class PublishFailed(Exception):
-    """The broker did not confirm the message (down, nacked, returned or too slow); str is the reason."""
+class Publisher(Protocol):
+    @property
+    def ready(self) -> bool:
+        """True while a publish can be tried (broker connection and channel open)."""
+        ...
+
+    async def publish(self, message: OutgoingMessage, *, exchange: str, routing_key: str) -> None:
+        """Returns once the broker confirmed the message; :class:`PublishFailed` otherwise."""
+        ...
 
 
-class InflightLimit:
-    """Publishes awaiting a confirm; beyond ``maximum`` the ingress answers 429 instead of queueing."""
+class ConfirmedPublisher:
+    """A confirming channel of its own on a :class:`Broker` connection, opened in the background."""
 
-    __slots__ = ("maximum", "current")
-
-    def __init__(self, maximum: int) -> None:
-        self.maximum = maximum
-        self.current = 0
-
-    def try_acquire(self) -> bool:
-        if self.current >= self.maximum:
-            return False
-        self.current += 1
-        return True
-
-    def release(self) -> None:
-        self.current -= 1
-
-
-class NotificationPublisher:
-    """Owns the ingress's confirming channel on the shared :class:`Broker` connection."""
-
-    def __init__(self, broker: Broker, *, max_inflight: int,
-                 confirm_timeout: float = CONFIRM_TIMEOUT_SECONDS) -> None:
+    def __init__(self, broker: Broker, *, name: str, confirm_timeout: float) -> None:
         self._broker = broker
-        self._exchange_name = broker.topology.notifications_exchange
+        self._name = name
         self._confirm_timeout = confirm_timeout
-        self.inflight = InflightLimit(max_inflight)
-        self._channel: AbstractRobustChannel | None = None
+        self._channel: AbstractChannel | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
-        self._confirm_seconds = PUBLISH_CONFIRM_SECONDS  # looked up once, not per publish
+        self._opened = asyncio.Event()
         self._opener: asyncio.Task[None] | None = None
+        self._confirm_seconds = PUBLISH_CONFIRM_SECONDS  # looked up once, not per publish
 
     def start(self) -> None:
-        """Opens the channel in the background: the ingress serves (503) before the broker is there."""
+        """Starts opening the channel; a process can serve (and answer not-ready) before the broker is up."""
         self._broker.start()
         if self._opener is None:
-            self._opener = asyncio.create_task(self._open_channel(), name="ingress-channel")
+            self._opener = asyncio.create_task(self._open_channel(), name=f"{self._name}-channel")
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        self.start()
+        await asyncio.wait_for(self._opened.wait(), timeout)
 
     async def _open_channel(self) -> None:
         while True:
@@ -82,29 +73,29 @@ class NotificationPublisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection dropped while opening: try again
-                log.warning("ingress_channel_failed", error=type(exc).__name__)
+                log.warning("publish_channel_failed", publisher=self._name, error=type(exc).__name__)
                 await asyncio.sleep(CHANNEL_RETRY_SECONDS)
                 continue
             channel.close_callbacks.add(self._on_channel_closed)
-            channel.reopen_callbacks.add(self._on_channel_reopened)
+            if isinstance(channel, AbstractRobustChannel):  # a command's plain channel is never reopened
+                channel.reopen_callbacks.add(self._on_channel_reopened)
             self._channel = channel
-            log.info("ingress_channel_open")
+            self._opened.set()
+            log.info("publish_channel_open", publisher=self._name)
             return
 
     def _on_channel_closed(self, _channel: Any, exc: BaseException | None = None) -> None:
-        log.warning("ingress_channel_lost", error=type(exc).__name__ if exc else None)
+        log.warning("publish_channel_lost", publisher=self._name, error=type(exc).__name__ if exc else None)
 
     def _on_channel_reopened(self, _channel: Any) -> None:
-        log.info("ingress_channel_restored")
+        log.info("publish_channel_restored", publisher=self._name)
 
     @property
     def ready(self) -> bool:
-        """True while the broker connection and our channel are open."""
         channel = self._channel
         return channel is not None and not channel.is_closed and self._broker.is_open
 
-    async def publish(self, body: bytes, *, routing_key: str, message_id: str,
-                      headers: dict[str, Any]) -> None:
+    async def publish(self, message: OutgoingMessage, *, exchange: str, routing_key: str) -> None:
         channel = self._channel
         if channel is None or not self.ready:
             raise PublishFailed("broker unavailable")
@@ -119,13 +110,6 @@ class NotificationPublisher:
                 raise PublishFailed("broker unavailable") from None
             except Exception as exc:
                 raise PublishFailed(f"publish failed: {type(exc).__name__}") from None
-        # Properties built directly: aio_pika.Message costs ~100 µs more per publish for the same frame.
-        properties = spec.Basic.Properties(
-            message_id=message_id,
-            content_type=JSON_CONTENT_TYPE,
-            delivery_mode=PERSISTENT,
-            headers=headers,
-        )
         started = time.perf_counter()
         try:
             # timeout: aiormq bounds the whole publish and confirm wait itself (one timer, not two).
@@ -133,8 +117,8 @@ class NotificationPublisher:
             # publishes queue their frames instead of taking turns with the writer task; the confirm is
             # still awaited, and a connection lost before the write fails the confirmation.
             await underlay.basic_publish(
-                body, exchange=self._exchange_name, routing_key=routing_key,
-                properties=properties, mandatory=True, timeout=self._confirm_timeout,
+                message.body, exchange=exchange, routing_key=routing_key,
+                properties=message.properties, mandatory=True, timeout=self._confirm_timeout,
                 wait=False,  # type: ignore[call-arg]  # aiormq's Channel has it; its abstract class does not
             )
         except TimeoutError:
@@ -143,6 +127,8 @@ class NotificationPublisher:
             raise PublishFailed("returned unroutable by the broker") from None
         except aio_pika.exceptions.DeliveryError:
             raise PublishFailed("nacked by the broker") from None
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # connection or channel lost while waiting for the confirm
             raise PublishFailed(f"publish failed: {type(exc).__name__}") from None
         self._confirm_seconds.observe(time.perf_counter() - started)
@@ -158,3 +144,4 @@ class NotificationPublisher:
                 await self._channel.close()
         self._channel = None
         self._underlay = None
+        self._opened.clear()

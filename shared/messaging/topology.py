@@ -25,6 +25,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
 
+from authnotify.alipay.notifications import AUTHCODE_CREATED, NOTIFY_TYPES, TOKEN_CANCELED, TOKEN_CREATED
+
 
 class QueueType(StrEnum):
     QUORUM = "quorum"
@@ -32,7 +34,7 @@ class QueueType(StrEnum):
 
 
 class Consumer(StrEnum):
-    """The four workers; the value is the name used in commands, queue names and metrics."""
+    """Every consumer, in one list; the value is the name used in commands, queue names and metrics."""
 
     AUTHCODE_CREATED = "authcode-created"
     TOKEN_CREATED = "token-created"
@@ -40,12 +42,13 @@ class Consumer(StrEnum):
     MERCHANT_EVENTS = "merchant-events"
 
 
+CONSUMER_NAMES: tuple[str, ...] = tuple(consumer.value for consumer in Consumer)
+
 NOTIFY_TYPE_OF_CONSUMER: dict[Consumer, str] = {
-    Consumer.AUTHCODE_CREATED: "AUTHCODE_CREATED",
-    Consumer.TOKEN_CREATED: "TOKEN_CREATED",
-    Consumer.TOKEN_CANCELED: "TOKEN_CANCELED",
+    Consumer.AUTHCODE_CREATED: AUTHCODE_CREATED,
+    Consumer.TOKEN_CREATED: TOKEN_CREATED,
+    Consumer.TOKEN_CANCELED: TOKEN_CANCELED,
 }
-NOTIFY_TYPES = frozenset(NOTIFY_TYPE_OF_CONSUMER.values())
 UNKNOWN_NOTIFY_TYPE = "unknown"
 EVENT_ROUTING_PREFIX = "event"
 
@@ -204,6 +207,13 @@ class Topology:
 
     def all_queue_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.queues())
+
+    def queue(self, name: str) -> QueueSpec:
+        """The declaration of one queue of this topology; KeyError for a name it does not have."""
+        for spec in self.queues():
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
 
 
 def build_topology(settings: Any) -> Topology:

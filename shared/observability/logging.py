@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import structlog
 
-REDACTED = "[redacted]"
-
-# accessToken, access_token, ACCESS-TOKEN, refreshToken, authCode, auth_code, ... whatever the case.
-_SECRET_FIELD = re.compile(r"^(access|refresh)[_-]?token$|^auth[_-]?code$|secret|private[_-]?key|password",
-                           re.IGNORECASE)
-
-
-@functools.lru_cache(maxsize=4096)  # field names are few; this runs for every field of every log line
-def is_secret_field(name: str) -> bool:
-    return bool(_SECRET_FIELD.search(name))
-
-
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def redact(value: Any) -> Any:
-    """A copy of ``value`` with every secret-named field, at any depth, replaced by a marker."""
-    if type(value) in _SCALARS:  # the common case, without the slower isinstance checks below
-        return value
-    if isinstance(value, Mapping):
-        return {k: (REDACTED if isinstance(k, str) and is_secret_field(k) else redact(v))
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
+from authnotify.observability.redaction import REDACTED, is_secret_field, redact
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -104,3 +78,12 @@ def configure_logging(log_format: str = "json", level: int = logging.INFO) -> No
 
 def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name)
+
+
+def annotate(**fields: Any) -> None:
+    """Adds fields to the one log line the consumer runtime writes for the message being handled.
+
+    A handler calls this instead of logging a line of its own: one structured line per message, with the
+    message id, the outcome and what the handler found (a line costs ~0.1 ms of a worker's ~2 ms budget).
+    """
+    structlog.contextvars.bind_contextvars(**fields)

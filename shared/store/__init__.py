@@ -1,6 +1,13 @@
-"""Persistent state: authorizations (tokens encrypted) and exchanged auth codes (hashed), SQLite or PostgreSQL."""
+"""The store: authorizations (tokens encrypted) and exchanged auth codes (hashed), in SQLite or PostgreSQL.
 
-from authnotify.store.errors import StoreError
-from authnotify.store.store import Cancellation, Recorded, Store, TokenGrant, authorization_data, code_hash
+Layer 3: imports the layers below (errors, config, observability, domain), never messaging, the services
+or the command line. :class:`AuthorizationStore` is the interface; :func:`open_store` opens the SQL one.
+"""
 
-__all__ = ["Cancellation", "Recorded", "Store", "StoreError", "TokenGrant", "authorization_data", "code_hash"]
+from authnotify.errors import StoreError
+from authnotify.store.repository import AuthorizationStore
+from authnotify.store.sql import SqlStore
+
+open_store = SqlStore.connect
+
+__all__ = ["AuthorizationStore", "SqlStore", "StoreError", "open_store"]

@@ -10,7 +10,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from authnotify.store.errors import StoreError
+from authnotify.errors import StoreError
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 POSTGRES_POOL_SIZE = 20

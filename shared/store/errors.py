@@ -6,19 +6,9 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-
-class StoreError(Exception):
-    """The database could not do what was asked (unreachable, locked, failed); worth retrying."""
-
-
-def safe_url(database_url: str) -> str:
-    try:
-        return make_url(database_url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<invalid database url>"
+from authnotify.errors import StoreError
 
 
 def describe(exc: BaseException) -> str:
@@ -38,6 +28,7 @@ DATABASE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError, ConnectionErr
 
 @contextmanager
 def database_errors(action: str) -> Iterator[None]:
+    """Turns a driver's error into a :class:`StoreError` that says what could not be done."""
     try:
         yield
     except StoreError:

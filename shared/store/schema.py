@@ -16,6 +16,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from authnotify.domain.authorizations import STATUS_ACTIVE, STATUS_CANCELED
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -24,8 +26,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-STATUS_ACTIVE = "active"
-STATUS_CANCELED = "canceled"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -84,7 +84,7 @@ class Authorization(Base):
     canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
-        CheckConstraint("status IN ('active', 'canceled')", name="status"),
+        CheckConstraint(f"status IN ('{STATUS_ACTIVE}', '{STATUS_CANCELED}')", name="status"),
         Index(None, "reference_agreement_id"),
         Index(None, "reference_merchant_id"),
         Index(None, "auth_client_id"),

@@ -16,8 +16,9 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography.fernet import Fernet
 
-from authnotify.config.settings import TokenKeys
-from authnotify.store import Store, TokenGrant
+from authnotify.config import TokenKeys
+from authnotify.domain.authorizations import TokenGrant
+from authnotify.store import SqlStore as Store
 
 
 async def bench(database_url: str, count: int, concurrency: int, duplicates: float) -> None:
@@ -39,7 +40,7 @@ async def bench(database_url: str, count: int, concurrency: int, duplicates: flo
     async def worker() -> None:
         nonlocal events
         while not queue.empty():
-            recorded = await store.record_tokens(queue.get_nowait(), possibly_seen_before=False)
+            recorded = await store.record_tokens(queue.get_nowait())
             events += len(recorded.events)
 
     started, cpu_started = time.perf_counter(), time.process_time()

@@ -8,8 +8,8 @@ Everything runs in a namespace of its own (deleted afterwards) and a PostgreSQL 
 signature), served by a separate process so it does not share the worker's CPU.
 
 Drains (phases ``bare``, ``sqlite``, ``postgresql``, ``merchant-events``): N messages are pre-loaded into one
-consumer's queue, then ONE worker consumes them **in this process** (``WorkerRuntime`` with the real
-``worker_spec``, JSON logs rendered to /dev/null as in production) and the time from "consumers ready" to
+consumer's queue, then ONE worker consumes them **in this process** (``Workers`` with the real
+consumer, JSON logs rendered to /dev/null as in production) and the time from "consumers ready" to
 "N messages processed" gives messages/s.
 
 * ``bare``: a bare aio-pika consumer that only acks: same broker, queue type, queue and prefetch (the ceiling).
@@ -57,8 +57,9 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authnotify.messaging import headers as h
-from authnotify.config.settings import Settings
-from authnotify.domain.events import AuthorizationData, MerchantEvent, access_token_fingerprint
+from authnotify.config import Settings
+from authnotify.domain.authorizations import AuthorizationData, access_token_fingerprint
+from authnotify.domain.events import MerchantEvent
 from authnotify.config.keys import private_key_pem, public_key_pem
 from authnotify.domain.merchants import generate_secret
 from authnotify.observability.metrics import MESSAGES_PROCESSED
@@ -240,7 +241,7 @@ def notification_message(body: bytes, provider: str = "aps") -> aio_pika.Message
 
 def activated_event_message(now: datetime) -> aio_pika.Message:
     """What the token-created worker publishes for a new Alipay+ authorization."""
-    from authnotify.messaging.consumer import event_message
+    from authnotify.messaging.messages import event_message
 
     data = AuthorizationData(
         provider="aps", status="active", accessTokenFingerprint=access_token_fingerprint(new_token()),
@@ -249,7 +250,9 @@ def activated_event_message(now: datetime) -> aio_pika.Message:
         userLoginId="62-34312736", scopes=["AGREEMENT_PAY", "USER_LOGIN_ID"],
         accessTokenExpiryTime="2027-06-06T04:12:12Z", refreshTokenExpiryTime="2027-06-08T04:12:12Z",
     )
-    return event_message(MerchantEvent.of("authorization.activated", data, now))
+    event = event_message(MerchantEvent.of("authorization.activated", data, now))
+    return aio_pika.Message(event.body, headers=event.headers, message_id=event.message_id,
+                            content_type=event.properties.content_type, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
 
 async def preload(url: str, topology: Topology, consumer: Consumer, count: int) -> None:
@@ -305,16 +308,16 @@ def _processed(consumer: Consumer) -> dict[str, int]:
 
 
 async def drain_worker(settings: Settings, consumer: Consumer, count: int, name: str, timeout: float) -> Drain:
-    """One in-process WorkerRuntime with the consumer's real worker_spec, until ``count`` are processed."""
-    from authnotify.workers.process import build_specs
+    """One in-process Workers with the consumer's real handler, until ``count`` are processed."""
+    from authnotify.workers.registry import build_specs
     from authnotify.workers.resources import Resources
-    from authnotify.messaging.consumer import WorkerRuntime
+    from authnotify.workers.process import Workers
 
     resources = Resources(settings)
-    result = Drain(name, "in-process WorkerRuntime")
+    result = Drain(name, "in-process Workers")
     try:
         specs = await build_specs(resources, [consumer.value])  # opens the store, migrates: before the clock
-        runtime = WorkerRuntime(settings, specs, http_port=0)
+        runtime = Workers(settings, specs, http_port=0)
         counted = _processed(consumer)
         before = sum(counted.values())
         await runtime.start()

@@ -23,7 +23,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authnotify.store.engine import create_engine, is_sqlite, parse_url
-from authnotify.store.errors import database_errors, safe_url
+from authnotify.observability.redaction import mask_url
+from authnotify.store.errors import database_errors
 
 # Any constant works; this one spells "authnoti" so it is recognisable in pg_locks.
 ADVISORY_LOCK_ID = 0x617574686E6F7469
@@ -62,7 +63,7 @@ async def _file_lock(path: Path) -> AsyncIterator[None]:
 async def upgrade_database(database_url: str) -> str:
     """Brings the schema to head; returns the revision the database is at afterwards."""
     url = parse_url(database_url)
-    with database_errors(f"cannot migrate database at {safe_url(database_url)}"):
+    with database_errors(f"cannot migrate database at {mask_url(database_url)}"):
         engine = create_engine(database_url, pooled=False)
         try:
             if is_sqlite(url) and url.database and url.database != ":memory:":

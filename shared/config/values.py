@@ -1,0 +1,63 @@
+"""Values people type, in the environment and on the command line: durations and counts.
+
+Each parser raises ``ValueError`` with a short reason; the settings and the argument parser add the name of
+the variable or option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``10s``, ``1m``, ``2h``, ``7d``, ``500ms`` in seconds; longer than zero."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text.strip()!r} is not a duration like 10s, 1m, 2h")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{text.strip()!r} must be longer than zero")
+    return seconds
+
+
+def parse_durations(text: str) -> tuple[float, ...]:
+    """A comma-separated list of durations; empty text is an empty list."""
+    text = text.strip()
+    if not text:
+        return ()
+    return tuple(parse_duration(part) for part in text.split(","))
+
+
+# --- argparse types: a bad value is one line naming the option ------------------------------------
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError("must be zero or more")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = non_negative_float(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError("must be more than zero")
+    return number

@@ -1,0 +1,68 @@
+"""One process's life, for every service: run until SIGTERM or SIGINT (or a part fails), then drain.
+
+Each part registers how it stops when it has started; on the way out the parts stop in reverse order, so
+the last one started (the ingress's listener, say) is the first to stop taking work, and what it depends on
+(the workers, the broker connection) is still there while it finishes what it holds. Every stop callback
+runs even when an earlier one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Lifecycle:
+    """``async with Lifecycle() as life``: start parts, :meth:`on_stop` each, then :meth:`run_until_stopped`."""
+
+    def __init__(self) -> None:
+        self.stop_requested = asyncio.Event()
+        self._stack = contextlib.AsyncExitStack()
+        self._failures: list[asyncio.Future[Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __aenter__(self) -> Lifecycle:
+        self._loop = asyncio.get_running_loop()
+        for signum in STOP_SIGNALS:
+            self._loop.add_signal_handler(signum, self.stop_requested.set)
+        await self._stack.__aenter__()
+        return self
+
+    def on_stop(self, callback: Callable[[], Awaitable[Any]]) -> None:
+        """Runs ``callback`` on the way out, before the stop callbacks registered earlier."""
+        self._stack.push_async_callback(callback)
+
+    def watch(self, failure: Awaitable[BaseException]) -> None:
+        """``failure`` completes with the error of a part that cannot go on: the process then stops too."""
+        self._failures.append(asyncio.ensure_future(failure))
+
+    async def run_until_stopped(self) -> BaseException | None:
+        """Waits for a stop signal, or for a watched part to fail; returns that part's error, if any."""
+        stopped = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({stopped, *self._failures}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        for failure in self._failures:
+            if failure.done() and not failure.cancelled() and failure.exception() is None:
+                result = failure.result()
+                if isinstance(result, BaseException):
+                    return result
+        return None
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        for failure in self._failures:
+            failure.cancel()
+        try:
+            await self._stack.__aexit__(exc_type, exc, traceback)
+        finally:
+            assert self._loop is not None
+            for signum in STOP_SIGNALS:
+                self._loop.remove_signal_handler(signum)

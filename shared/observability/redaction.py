@@ -1,0 +1,79 @@
+"""What must never be shown: secret-named fields (tokens, auth codes, keys, passwords) and URL passwords.
+
+Used by the log processor, by the dead-letter reasons and wherever a URL is printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from yarl import URL
+
+REDACTED = "[redacted]"
+
+# accessToken, access_token, ACCESS-TOKEN, refreshToken, authCode, auth_code, ... whatever the case.
+_SECRET_FIELD = re.compile(r"^(access|refresh)[_-]?token$|^auth[_-]?code$|secret|private[_-]?key|password",
+                           re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=4096)  # field names are few; this runs for every field of every log line
+def is_secret_field(name: str) -> bool:
+    return bool(_SECRET_FIELD.search(name))
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with every secret-named field, at any depth, replaced by a marker."""
+    if type(value) in _SCALARS:  # the common case, without the slower isinstance checks below
+        return value
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if isinstance(k, str) and is_secret_field(k) else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def secret_values(body: bytes) -> list[str]:
+    """Values of secret-named fields (accessToken, authCode, ...) anywhere in a JSON body."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and is_secret_field(key) and isinstance(item, str) and item:
+                    found.append(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(document)
+    return found
+
+
+def mask_secret_values(text: str, body: bytes) -> str:
+    """``text`` with every secret value that ``body`` holds replaced by the marker."""
+    for secret in sorted(secret_values(body), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``; anything unparsable is not shown at all."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        return "<invalid url>"
+    return str(parsed.with_password("***")) if parsed.password else url

@@ -1,0 +1,101 @@
+"""Group commit: concurrent writes of the same kind share one transaction instead of one each.
+
+A worker handles up to its prefetch of messages at once; each asks the store for one write. Here those that
+arrive while a flush is running wait for the next one, so N messages cost one commit (one WAL flush, one
+round trip) instead of N. A call that finds no flush running is flushed at once, so an idle worker adds no
+latency. When a shared flush fails, each of its items is retried alone: one bad write (or a deadlock, or
+a lost connection) fails its own message only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from authnotify.errors import StoreError
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+BATCH_MAX = 128
+FLUSHES_MAX = 2  # transactions in flight: one commits while the next collects
+
+
+@dataclass
+class _Pending(Generic[Item, Result]):
+    item: Item
+    future: asyncio.Future[Result]
+
+
+def _settle(future: asyncio.Future[Result], result: Result | None, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled: its message is redelivered, the effect stays
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+class GroupCommit(Generic[Item, Result]):
+    """``await group.submit(item)`` returns once ``flush`` has committed the batch ``item`` was part of."""
+
+    def __init__(self, flush: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]], *, name: str,
+                 batch_max: int = BATCH_MAX, flushes_max: int = FLUSHES_MAX) -> None:
+        self._flush = flush
+        self._name = name
+        self._batch_max = batch_max
+        self._flushes_max = flushes_max
+        self._pending: list[_Pending[Item, Result]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(item, future))
+        self._start_flushes()
+        return await future
+
+    def _start_flushes(self) -> None:
+        while self._pending and len(self._flushes) < self._flushes_max:
+            batch = self._pending[:self._batch_max]
+            del self._pending[:self._batch_max]
+            task = asyncio.create_task(self._run(batch), name=self._name)
+            self._flushes.add(task)
+            task.add_done_callback(self._flush_done)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._start_flushes()
+
+    async def _run(self, batch: list[_Pending[Item, Result]]) -> None:
+        try:
+            await self._run_now(batch)
+        except BaseException:  # cancelled (shutdown): no caller may wait forever
+            for pending in batch:
+                _settle(pending.future, None, StoreError(f"{self._name}: interrupted"))
+            raise
+
+    async def _run_now(self, batch: list[_Pending[Item, Result]]) -> None:
+        try:
+            results = await self._flush([pending.item for pending in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0].future, None, exc)
+                return
+        else:
+            for pending, result in zip(batch, results, strict=True):
+                _settle(pending.future, result, None)
+            return
+        for pending in batch:  # each alone: an error lands on its own message only
+            try:
+                (result,) = await self._flush([pending.item])
+            except Exception as exc:
+                _settle(pending.future, None, exc)
+            else:
+                _settle(pending.future, result, None)
+
+    async def close(self) -> None:
+        """Waits for the batches already taken: they are committed (or failed) before the pool goes."""
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
