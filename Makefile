@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export AUTHNOTIFY_TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AUTHNOTIFY_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/test
 
-.PHONY: dev test typecheck bench bench-ingress bench-workers venv clean
+.PHONY: dev test test-fast check typecheck bench bench-ingress bench-workers venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +22,24 @@ dev: $(STAMP)
 	bash scripts/ensure-rabbitmq.sh
 	$(VENV)/bin/authnotify dev
 
-test: typecheck
+# Everything: types and import rules, then every test (real RabbitMQ, PostgreSQL and SQLite included).
+test: check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# mypy cannot follow the editable install's mapping of ingress/, workers/ and shared/ into the authnotify
-# package, so it checks a plain installed copy of the package instead (about a second to build).
-typecheck: $(STAMP)
+# The inner loop: the tests that need no broker, no PostgreSQL and start no process (in-memory publisher and
+# store, SQLite, the sandbox fakes): a few seconds.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not services and not slow" $(PYTEST_ARGS)
+
+# mypy and import-linter cannot follow the editable install's mapping of ingress/, workers/ and shared/ into
+# the authnotify package, so they check a plain installed copy of it instead (about a second to build).
+check: $(STAMP)
 	rm -rf build .typecheck
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target .typecheck .
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p authnotify
+	cd .typecheck && ../$(VENV)/bin/lint-imports --no-cache ../pyproject.toml
+
+typecheck: check
 
 bench-ingress: $(STAMP)
 	$(PY) -m tests.bench.ingress_bench $(BENCH_ARGS)

@@ -39,6 +39,19 @@ DEFAULT_TEST_QUEUE_TYPE = os.environ.get(QUEUE_TYPE_ENV, "classic")
 _quorum_topologies_to_delete: list[tuple[str, Any]] = []
 
 
+SERVICE_FIXTURES = {"rabbitmq_url", "postgres_url"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks each test that needs a real service (``services``): it asks for the broker or PostgreSQL, or is
+    one of the PostgreSQL cases of a database-parametrized test. ``make test-fast`` runs the others."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if fixtures & SERVICE_FIXTURES or "postgresql" in params.values():
+            item.add_marker(pytest.mark.services)
+
+
 def _docker_available() -> bool:
     try:
         import docker  # type: ignore[import-untyped]
@@ -123,11 +136,40 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+def _test_settings(keys: TestKeys, tmp_path: Any, **overrides: Any) -> Settings:
+    """Both providers configured with the test keys, fast retries; keyword arguments override."""
+    values: dict[str, Any] = {
+        "rabbitmq_url": "amqp://guest:guest@127.0.0.1:1/",  # no broker unless the test gives one
+        "namespace": f"t{uuid.uuid4().hex[:10]}",
+        "queue_type": DEFAULT_TEST_QUEUE_TYPE,
+        "database_url": f"sqlite+aiosqlite:///{tmp_path}/authnotify.db",
+        "http_host": "127.0.0.1",
+        "worker_http_port": 0,
+        "ams_client_id": AMS_CLIENT_ID,
+        "ams_private_key": keys.ours.private_pem,
+        "ams_alipay_public_key": keys.alipay.public_pem,
+        "ams_customer_belongs_to": "ALIPAY_CN",
+        "aps_client_id": APS_CLIENT_ID,
+        "aps_private_key": keys.ours.private_pem,
+        "aps_alipay_public_key": keys.alipay.public_pem,
+        "retry_delays": "1s,2s",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def offline_settings(keys: TestKeys, tmp_path: Any) -> Callable[..., Settings]:
+    """Settings for tests that need no broker (the fast ones): publishing goes to an in-memory publisher."""
+    return lambda **overrides: _test_settings(keys, tmp_path, **overrides)
+
+
 @pytest.fixture
 async def make_settings(
     rabbitmq_url: str, namespace: str, keys: TestKeys, tmp_path: Any
 ) -> AsyncIterator[Callable[..., Settings]]:
-    """Settings for this test's namespace, both providers configured; keyword arguments override.
+    """Settings for this test's namespace on the real broker, both providers configured; keyword arguments
+    override.
 
     Every topology these settings describe is deleted on a fresh connection: classic ones after the test,
     quorum ones when the session ends (see DEFAULT_TEST_QUEUE_TYPE).
@@ -135,24 +177,8 @@ async def make_settings(
     made: list[Settings] = []
 
     def factory(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "rabbitmq_url": rabbitmq_url,
-            "namespace": namespace,
-            "queue_type": DEFAULT_TEST_QUEUE_TYPE,
-            "database_url": f"sqlite+aiosqlite:///{tmp_path}/authnotify.db",
-            "http_host": "127.0.0.1",
-            "worker_http_port": 0,
-            "ams_client_id": AMS_CLIENT_ID,
-            "ams_private_key": keys.ours.private_pem,
-            "ams_alipay_public_key": keys.alipay.public_pem,
-            "ams_customer_belongs_to": "ALIPAY_CN",
-            "aps_client_id": APS_CLIENT_ID,
-            "aps_private_key": keys.ours.private_pem,
-            "aps_alipay_public_key": keys.alipay.public_pem,
-            "retry_delays": "1s,2s",
-        }
-        values.update(overrides)
-        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        settings = _test_settings(keys, tmp_path, **{"rabbitmq_url": rabbitmq_url, "namespace": namespace,
+                                                     **overrides})
         made.append(settings)
         return settings
 

@@ -7,7 +7,8 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -177,3 +178,69 @@ async def message_counts(connection: aio_pika.abc.AbstractConnection, topology: 
             counts[name] = count
     await channel.close()
     return counts
+
+
+RejectionRow = tuple[str, str, Any, dict[str, str], int, str]  # name, method, body, headers, HTTP status, code
+
+
+def rejection_rows(case: ProviderCase, keys: Any, body: bytes) -> list[RejectionRow]:
+    """One request per row of the ingress's status table that is not a success; ``body`` is a valid one."""
+    alipay = keys.alipay.private_key
+    other_key = keys.ours.private_key  # a valid RSA key that is not Alipay's
+    good = notification_headers(alipay, case, body)
+    other_path = next(c.path for c in PROVIDER_CASES if c is not case)
+    too_big = b'{"authorizationNotifyType":"TOKEN_CREATED","pad":"' + b"x" * (64 * 1024) + b'"}'
+
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
+        for start_at in range(0, len(data), 8192):
+            yield data[start_at:start_at + 8192]
+
+    def without(name: str) -> dict[str, str]:
+        return {k: v for k, v in good.items() if k != name}
+
+    return [
+        ("no Signature", "POST", body, without("Signature"), 401, "INVALID_SIGNATURE"),
+        ("garbage Signature", "POST", body, {**good, "Signature": "algorithm=RSA256,keyVersion=1,signature=%%%"},
+         401, "INVALID_SIGNATURE"),
+        ("wrong algorithm", "POST", body, {**good, "Signature": good["Signature"].replace("RSA256", "RSA")},
+         401, "INVALID_SIGNATURE"),
+        ("signed by another key", "POST", body, notification_headers(other_key, case, body), 401, "INVALID_SIGNATURE"),
+        ("body changed after signing", "POST", body + b" ", good, 401, "INVALID_SIGNATURE"),
+        ("signed for the other path", "POST", body, notification_headers(alipay, case, body, signed_path=other_path),
+         401, "INVALID_SIGNATURE"),
+        ("Request-Time changed", "POST", body, {**good, "Request-Time": epoch_ms_request_time()}, 401,
+         "INVALID_SIGNATURE"),
+        ("no Request-Time", "POST", body, without("Request-Time"), 401, "INVALID_SIGNATURE"),
+        ("no Client-Id", "POST", body, without("Client-Id"), 401, "INVALID_CLIENT"),
+        ("unknown Client-Id, validly signed", "POST", body,
+         notification_headers(alipay, case, body, client_id="UNKNOWN_CLIENT"), 401, "INVALID_CLIENT"),
+        ("unknown Client-Id and no signature", "POST", body, {"Content-Type": "application/json", "Client-Id": "x"},
+         401, "INVALID_CLIENT"),
+        ("GET", "GET", None, good, 405, "METHOD_NOT_SUPPORTED"),
+        ("PUT", "PUT", body, good, 405, "METHOD_NOT_SUPPORTED"),
+        ("DELETE with text/plain", "DELETE", body, {**good, "Content-Type": "text/plain"}, 405, "METHOD_NOT_SUPPORTED"),
+        ("text/plain", "POST", body, {**good, "Content-Type": "text/plain"}, 415, "MEDIA_TYPE_NOT_ACCEPTABLE"),
+        ("form encoded", "POST", body, {**good, "Content-Type": "application/x-www-form-urlencoded"}, 415,
+         "MEDIA_TYPE_NOT_ACCEPTABLE"),
+        ("no Content-Type", "POST", body, without("Content-Type"), 415, "MEDIA_TYPE_NOT_ACCEPTABLE"),
+        ("text/plain and unknown client", "POST", body, {"Content-Type": "text/plain", "Client-Id": "x"}, 415,
+         "MEDIA_TYPE_NOT_ACCEPTABLE"),
+        ("over 64 KiB, signed", "POST", too_big, notification_headers(alipay, case, too_big), 413, "PARAM_ILLEGAL"),
+        ("over 64 KiB, chunked, no Content-Length", "POST", chunked(too_big),
+         notification_headers(alipay, case, too_big), 413, "PARAM_ILLEGAL"),
+    ]
+
+
+@asynccontextmanager
+async def ingress_on_memory(settings: Settings, publisher: Any) -> AsyncIterator[RunningIngress]:
+    """The ingress publishing to ``publisher`` (an in-memory one): its checks and answers, without a broker."""
+    app = create_app(settings, publisher=publisher)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield RunningIngress(f"http://{host}:{port}", app, runner, settings)
+    finally:
+        await runner.cleanup()

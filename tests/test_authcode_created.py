@@ -336,6 +336,7 @@ async def test_ams_without_customer_belongs_to_fails_the_start(settings_for: Cal
         await resources.aclose()
 
 
+@pytest.mark.slow
 def test_the_cli_worker_refuses_to_start_without_customer_belongs_to(keys: TestKeys, tmp_path: Any) -> None:
     env = {
         "PATH": os.environ.get("PATH", ""),

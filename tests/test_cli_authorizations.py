@@ -18,6 +18,8 @@ from authnotify.domain.authorizations import access_token_fingerprint
 from authnotify.domain.authorizations import Cancellation, TokenGrant
 from authnotify.store import SqlStore as Store
 
+pytestmark = pytest.mark.slow  # every test here runs the authnotify command as a process
+
 DATA_KEYS = [
     "provider", "status", "accessTokenFingerprint", "authClientId", "referenceMerchantId",
     "referenceAgreementId", "customerId", "userLoginId", "authState", "scopes", "accessTokenExpiryTime",

@@ -8,12 +8,15 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 from cryptography.fernet import Fernet
 
 from authnotify.config import TokenKeys
 from authnotify.domain.authorizations import access_token_fingerprint
 from authnotify.domain.authorizations import TokenGrant
 from authnotify.store import SqlStore as Store, StoreError
+
+pytestmark = pytest.mark.slow  # every test here runs the authnotify command as a process
 
 
 async def authnotify(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:

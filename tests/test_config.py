@@ -144,6 +144,7 @@ def _clean_env() -> dict[str, str]:
     ("AUTHNOTIFY_AMS_PRIVATE_KEY", SECRET_LOOKING),
     ("AUTHNOTIFY_RETRY_DELAYS", "soon"),
 ])
+@pytest.mark.slow
 def test_the_cli_prints_one_line_naming_the_variable_and_fails(tmp_path: Path, variable: str, value: str) -> None:
     result = _cli(["topology"], {**_clean_env(), variable: value}, tmp_path)
     assert result.returncode != 0
@@ -154,6 +155,7 @@ def test_the_cli_prints_one_line_naming_the_variable_and_fails(tmp_path: Path, v
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_the_cli_reads_a_bad_value_from_dot_env_too(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("AUTHNOTIFY_HTTP_PORT=99999\n")
     result = _cli(["topology"], _clean_env(), tmp_path)
@@ -161,6 +163,7 @@ def test_the_cli_reads_a_bad_value_from_dot_env_too(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1 and "AUTHNOTIFY_HTTP_PORT" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_cli_declares_the_topology_with_good_settings(make_settings: Callable[..., Settings],
                                                           rabbitmq_url: str, tmp_path: Path) -> None:
     settings = make_settings()  # registers the namespace for deletion after the test
@@ -171,6 +174,7 @@ def test_the_cli_declares_the_topology_with_good_settings(make_settings: Callabl
     assert f"in namespace {settings.namespace}" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_cli_names_an_unreachable_broker_in_one_line(tmp_path: Path) -> None:
     env = {**_clean_env(), "AUTHNOTIFY_RABBITMQ_URL": "amqp://guest:secretpw@127.0.0.1:1/"}
     result = _cli(["topology"], env, tmp_path)

@@ -758,6 +758,7 @@ def health_server() -> Iterator[http.server.HTTPServer]:
     server.server_close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["ingress"], ["worker", "token-created"]])
 def test_healthcheck_probes_the_port_of_the_process_it_runs_beside(
         command: list[str], health_server: http.server.HTTPServer, tmp_path: Path) -> None:

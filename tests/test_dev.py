@@ -25,6 +25,8 @@ from authnotify.devtools.devkeys import ensure_dev_keys
 from authnotify.config import Settings
 from authnotify.messaging.topology import build_topology, delete_topology
 
+pytestmark = pytest.mark.slow  # every test here runs the authnotify command as a process
+
 READY_LINE = "authnotify dev is ready"
 RETRY_DELAYS = "200ms,400ms"
 START_TIMEOUT = 60.0

@@ -25,6 +25,7 @@ from tests.ingress_harness import (
     SUCCESS_BODY,
     ProviderCase,
     RunningIngress,
+    rejection_rows,
     answer_signature_verifies,
     drain_queue,
     epoch_ms_request_time,
@@ -108,49 +109,8 @@ async def test_every_rejection_answers_its_row_of_the_status_table_and_publishes
 ) -> None:
     ingress = await start()
     alipay = keys.alipay.private_key
-    other_key = keys.ours.private_key  # a valid RSA key that is not Alipay's
     body = token_created()
-    good = notification_headers(alipay, case, body)
-    other_path = next(c.path for c in PROVIDER_CASES if c is not case)
-    too_big = b'{"authorizationNotifyType":"TOKEN_CREATED","pad":"' + b"x" * (64 * 1024) + b'"}'
-
-    async def chunked(data: bytes) -> AsyncIterator[bytes]:
-        for start_at in range(0, len(data), 8192):
-            yield data[start_at:start_at + 8192]
-
-    rows: list[tuple[str, str, Any, dict[str, str], int, str]] = [
-        ("no Signature", "POST", body, {k: v for k, v in good.items() if k != "Signature"}, 401, "INVALID_SIGNATURE"),
-        ("garbage Signature", "POST", body, {**good, "Signature": "algorithm=RSA256,keyVersion=1,signature=%%%"},
-         401, "INVALID_SIGNATURE"),
-        ("wrong algorithm", "POST", body, {**good, "Signature": good["Signature"].replace("RSA256", "RSA")},
-         401, "INVALID_SIGNATURE"),
-        ("signed by another key", "POST", body, notification_headers(other_key, case, body), 401, "INVALID_SIGNATURE"),
-        ("body changed after signing", "POST", body + b" ", good, 401, "INVALID_SIGNATURE"),
-        ("signed for the other path", "POST", body, notification_headers(alipay, case, body, signed_path=other_path),
-         401, "INVALID_SIGNATURE"),
-        ("Request-Time changed", "POST", body, {**good, "Request-Time": epoch_ms_request_time()}, 401,
-         "INVALID_SIGNATURE"),
-        ("no Request-Time", "POST", body, {k: v for k, v in good.items() if k != "Request-Time"}, 401,
-         "INVALID_SIGNATURE"),
-        ("no Client-Id", "POST", body, {k: v for k, v in good.items() if k != "Client-Id"}, 401, "INVALID_CLIENT"),
-        ("unknown Client-Id, validly signed", "POST", body,
-         notification_headers(alipay, case, body, client_id="UNKNOWN_CLIENT"), 401, "INVALID_CLIENT"),
-        ("unknown Client-Id and no signature", "POST", body, {"Content-Type": "application/json", "Client-Id": "x"},
-         401, "INVALID_CLIENT"),
-        ("GET", "GET", None, good, 405, "METHOD_NOT_SUPPORTED"),
-        ("PUT", "PUT", body, good, 405, "METHOD_NOT_SUPPORTED"),
-        ("DELETE with text/plain", "DELETE", body, {**good, "Content-Type": "text/plain"}, 405, "METHOD_NOT_SUPPORTED"),
-        ("text/plain", "POST", body, {**good, "Content-Type": "text/plain"}, 415, "MEDIA_TYPE_NOT_ACCEPTABLE"),
-        ("form encoded", "POST", body, {**good, "Content-Type": "application/x-www-form-urlencoded"}, 415,
-         "MEDIA_TYPE_NOT_ACCEPTABLE"),
-        ("no Content-Type", "POST", body, {k: v for k, v in good.items() if k != "Content-Type"}, 415,
-         "MEDIA_TYPE_NOT_ACCEPTABLE"),
-        ("text/plain and unknown client", "POST", body, {"Content-Type": "text/plain", "Client-Id": "x"}, 415,
-         "MEDIA_TYPE_NOT_ACCEPTABLE"),
-        ("over 64 KiB, signed", "POST", too_big, notification_headers(alipay, case, too_big), 413, "PARAM_ILLEGAL"),
-        ("over 64 KiB, chunked, no Content-Length", "POST", chunked(too_big),
-         notification_headers(alipay, case, too_big), 413, "PARAM_ILLEGAL"),
-    ]
+    rows = rejection_rows(case, keys, body)
     for name, method, data, headers, status, code in rows:
         got_status, result, _ = await post(http, ingress, case, data, headers, method)
         expected_status = "U" if status >= 500 or status == 429 else "F"
@@ -419,6 +379,7 @@ def _ingress_cli(env: dict[str, str], cwd: Any) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_ingress_refuses_to_start_with_no_provider_configured(tmp_path: Any) -> None:
     result = _ingress_cli({}, tmp_path)
     assert result.returncode == 2
@@ -427,6 +388,7 @@ def test_the_ingress_refuses_to_start_with_no_provider_configured(tmp_path: Any)
     ]
 
 
+@pytest.mark.slow
 def test_the_ingress_names_a_port_it_cannot_listen_on(tmp_path: Any, keys: Keys) -> None:
     import socket
 

@@ -200,6 +200,7 @@ async def test_unreachable_ingress_is_one_line(keys: KeysFixture, tmp_path: Path
     assert captured.err.startswith("authnotify simulate: ingress unreachable at http://127.0.0.1:")
 
 
+@pytest.mark.slow
 def test_unreachable_ingress_from_the_command_line_is_one_line_without_traceback(tmp_path: Path) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     result = subprocess.run(

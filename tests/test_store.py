@@ -446,6 +446,7 @@ _MIGRATE_SCRIPT = (
 )
 
 
+@pytest.mark.slow
 async def test_migrations_are_safe_when_run_concurrently(database_url: str, token_keys: TokenKeys) -> None:
     processes = [
         await asyncio.create_subprocess_exec(sys.executable, "-c", _MIGRATE_SCRIPT, database_url,

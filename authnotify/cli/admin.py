@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import aio_pika
-
 from authnotify.config import Settings
 from authnotify.errors import EXIT_OK, CommandError, StoreError
-from authnotify.messaging.connection import connect_once
-from authnotify.messaging.topology import build_topology, declare_topology
+from authnotify.messaging.connection import command_connection
+from authnotify.messaging.topology import build_topology
 from authnotify.store import open_store
 from authnotify.store.migrations import upgrade_database
 
 
 async def declare_topology_command(settings: Settings) -> int:
     topology = build_topology(settings)
-    connection = await connect_once(settings.rabbitmq_url)
-    async with connection:
-        channel = await connection.channel()
-        try:
-            await declare_topology(channel, topology)
-        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
-            raise CommandError(f"authnotify: a queue exists with other arguments: {exc}") from None
+    async with command_connection(settings.rabbitmq_url, topology):
+        pass
     print(f"declared {len(topology.exchanges())} exchanges and {len(topology.queues())} queues "
           f"in namespace {topology.namespace}")
     return EXIT_OK

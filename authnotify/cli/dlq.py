@@ -7,7 +7,6 @@ returns (a table, or ``--json``) and a progress bar on a terminal.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-import aio_pika
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
@@ -67,14 +65,12 @@ def _plural(count: int) -> str:
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings)) as queues:
+        async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings),
+                                         operation=f"dlq {args.dlq_command}") as queues:
             return await _run(queues, args)
     except PublishFailed as exc:
         # Whatever was replayed before this is confirmed; the rest is still in its DLQ.
         raise CommandError(f"authnotify: the broker refused a replayed message ({exc})") from None
-    except (aio_pika.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError) as exc:
-        raise CommandError(f"authnotify: broker connection lost during dlq {args.dlq_command} "
-                           f"({type(exc).__name__})") from None
 
 
 async def _run(queues: DeadLetterQueues, args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
@@ -39,6 +40,23 @@ async def connect_once(url: str, *, timeout: float = COMMAND_CONNECT_TIMEOUT_SEC
         return await aio_pika.connect(url, timeout=timeout)
     except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
         raise BrokerUnreachable(mask_url(url), exc) from None
+
+
+@asynccontextmanager
+async def command_connection(url: str, topology: Topology) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    """A command's connection, with the namespace's topology declared (as every process does on start);
+    queues that exist with other arguments are one line, not a traceback."""
+    connection = await connect_once(url)
+    try:
+        channel = await connection.channel()
+        try:
+            await declare_topology(channel, topology)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            raise CommandError(f"authnotify: a queue exists with other arguments: {exc}") from None
+        await channel.close()
+        yield connection
+    finally:
+        await connection.close()
 
 
 class Broker:

@@ -13,6 +13,7 @@ The command line (``authnotify dlq``) prints what these return.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import builtins
@@ -27,10 +28,10 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from authnotify.errors import CommandError
 from authnotify.messaging import headers as h
-from authnotify.messaging.connection import Broker, connect_once
+from authnotify.messaging.connection import Broker, command_connection
 from authnotify.messaging.messages import replay_message
 from authnotify.messaging.publisher import ConfirmedPublisher
-from authnotify.messaging.topology import Consumer, Topology, declare_topology
+from authnotify.messaging.topology import Consumer, Topology
 
 GET_TIMEOUT_SECONDS = 10
 PUBLISH_TIMEOUT_SECONDS = 10.0
@@ -147,18 +148,16 @@ class DeadLetterQueues:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, rabbitmq_url: str, topology: Topology) -> AsyncIterator[DeadLetterQueues]:
-        connection = await connect_once(rabbitmq_url)
+    async def open(cls, rabbitmq_url: str, topology: Topology, *,
+                   operation: str = "dlq") -> AsyncIterator[DeadLetterQueues]:
+        """The queues on a command's connection; a connection lost meanwhile is one line naming ``operation``
+        (whatever was replayed before it is confirmed; the rest is still in its dead-letter queue)."""
         try:
-            channel = await connection.channel()
-            try:
-                await declare_topology(channel, topology)  # every process does; the DLQs then exist
-            except aio_pika.exceptions.ChannelPreconditionFailed as exc:
-                raise CommandError(f"authnotify: a queue exists with other arguments: {exc}") from None
-            await channel.close()
-            yield cls(connection, topology)
-        finally:
-            await connection.close()
+            async with command_connection(rabbitmq_url, topology) as connection:
+                yield cls(connection, topology)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError) as exc:
+            raise CommandError(f"authnotify: broker connection lost during {operation} "
+                               f"({type(exc).__name__})") from None
 
     @staticmethod
     def consumers(names: Iterable[str]) -> builtins.list[Consumer]:

@@ -1,0 +1,56 @@
+"""What the fast tests use instead of RabbitMQ: a delivery that records its acknowledgement, and contexts.
+
+The publisher and the store have in-memory twins in the package itself
+(:mod:`authnotify.messaging.memory`, :mod:`authnotify.store.memory`), typed to the same interfaces.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from authnotify.messaging import headers as h
+from authnotify.messaging.consumer import MessageContext, message_context
+from authnotify.messaging.topology import Consumer
+
+
+@dataclass
+class FakeDelivery:
+    """A message as a consumer queue hands it over; ``settled`` says what became of it."""
+
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    message_id: str | None = field(default_factory=lambda: uuid.uuid4().hex)
+    routing_key: str | None = None
+    redelivered: bool | None = False
+    content_type: str | None = h.JSON_CONTENT_TYPE
+    content_encoding: str | None = None
+    correlation_id: str | None = None
+    timestamp: datetime | None = None
+    type: str | None = None
+    settled: str | None = None  # "ack" or "requeued"
+
+    async def ack(self) -> None:
+        assert self.settled is None, f"settled twice: {self.settled}, then ack"
+        self.settled = "ack"
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        assert self.settled is None, f"settled twice: {self.settled}, then nack"
+        self.settled = "requeued" if requeue else "rejected"
+
+
+def notification_delivery(body: bytes, *, provider: str = "aps", notify_type: str = "TOKEN_CREATED",
+                          attempt: int = 1, redelivered: bool = False, **headers: Any) -> FakeDelivery:
+    """A notification as the ingress publishes it."""
+    return FakeDelivery(body, headers={h.PROVIDER: provider, h.NOTIFY_TYPE: notify_type, h.ATTEMPT: attempt,
+                                       **headers},
+                        routing_key=f"{provider}.{notify_type}", redelivered=redelivered)
+
+
+def context_for(consumer: Consumer, *, provider: str = "aps", attempt: int = 1,
+                redelivered: bool = False) -> MessageContext:
+    """The context a handler gets for a notification of ``provider``."""
+    return message_context(consumer, notification_delivery(b"{}", provider=provider, attempt=attempt,
+                                                           redelivered=redelivered))
