@@ -34,6 +34,7 @@ test-fast: $(STAMP)
 # mypy and import-linter cannot follow the editable install's mapping of ingress/, workers/ and shared/ into
 # the authnotify package, so they check a plain installed copy of it instead (about a second to build).
 check: $(STAMP)
+	$(VENV)/bin/ruff check .
 	rm -rf build .typecheck
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target .typecheck .
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p authnotify

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from authnotify.config import Settings
 from authnotify.config.keys import private_key_pem, public_key_pem
-from authnotify.store import SqlStore as Store
 from authnotify.messaging.topology import build_topology, declare_topology, delete_topology
+from authnotify.store import SqlStore as Store
 
 RABBITMQ_ENV = "AUTHNOTIFY_TEST_RABBITMQ_URL"
 DATABASE_ENV = "AUTHNOTIFY_TEST_DATABASE_URL"

@@ -16,13 +16,13 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from authnotify.messaging import headers as h
 from authnotify.config import Settings
 from authnotify.domain.events import MerchantEvent
+from authnotify.messaging import headers as h
 from authnotify.messaging.topology import build_topology, declare_topology, event_routing_key, notification_routing_key
+from authnotify.workers.process import Workers
 from authnotify.workers.registry import build_specs
 from authnotify.workers.resources import Resources
-from authnotify.workers.process import Workers
 
 T = TypeVar("T")
 

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
 from authnotify.alipay.notifications import NOTIFY_PATHS
+from authnotify.config import Settings
 from authnotify.ingress.app import INFLIGHT_KEY, PUBLISHER_KEY, InflightLimit, create_app
 from authnotify.messaging.publisher import Publisher
-from authnotify.config import Settings
 from authnotify.messaging.topology import Topology, build_topology
 from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
 

@@ -11,12 +11,6 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from authnotify.devtools.sandbox.alipay_gateway import (
-    AlipayGateway,
-    Outcome,
-    RunningAlipayGateway,
-    start_alipay_gateway,
-)
 from authnotify.alipay.client import (
     AMS_APPLY_TOKEN_PATH,
     AMS_SANDBOX_APPLY_TOKEN_PATH,
@@ -26,6 +20,12 @@ from authnotify.alipay.client import (
     AlipayUnavailable,
 )
 from authnotify.config import Settings
+from authnotify.devtools.sandbox.alipay_gateway import (
+    AlipayGateway,
+    Outcome,
+    RunningAlipayGateway,
+    start_alipay_gateway,
+)
 from authnotify.errors import ConfigError
 
 if TYPE_CHECKING:

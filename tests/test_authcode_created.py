@@ -20,20 +20,20 @@ import aio_pika
 import pytest
 from cryptography.fernet import Fernet
 
-from authnotify.devtools.sandbox.alipay_gateway import Outcome, RunningAlipayGateway
-from authnotify.messaging import headers as h
 from authnotify.alipay.client import AMS_SANDBOX_APPLY_TOKEN_PATH, APS_APPLY_TOKEN_PATH
 from authnotify.config import Settings
-from authnotify.errors import ConfigError
+from authnotify.devtools.sandbox.alipay_gateway import Outcome, RunningAlipayGateway
 from authnotify.domain.authorizations import access_token_fingerprint
 from authnotify.domain.events import MerchantEvent
-from authnotify.store import SqlStore as Store
+from authnotify.errors import ConfigError
+from authnotify.messaging import headers as h
 from authnotify.messaging.topology import Consumer, build_topology
+from authnotify.store import SqlStore as Store
+from authnotify.workers import authcode_created
+from authnotify.workers.process import Workers
+from authnotify.workers.resources import Resources
 from tests.conftest import AMS_CLIENT_ID
 from tests.events_harness import eventually, metric, publish_notification, take_all, take_messages
-from authnotify.workers import authcode_created
-from authnotify.workers.resources import Resources
-from authnotify.workers.process import Workers
 
 if TYPE_CHECKING:
     from tests.conftest import TestKeys

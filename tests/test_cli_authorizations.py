@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from authnotify.config import TokenKeys
-from authnotify.domain.authorizations import access_token_fingerprint
-from authnotify.domain.authorizations import Cancellation, TokenGrant
+from authnotify.domain.authorizations import Cancellation, TokenGrant, access_token_fingerprint
 from authnotify.store import SqlStore as Store
 
 pytestmark = pytest.mark.slow  # every test here runs the authnotify command as a process

@@ -12,9 +12,9 @@ import pytest
 from cryptography.fernet import Fernet
 
 from authnotify.config import TokenKeys
-from authnotify.domain.authorizations import access_token_fingerprint
-from authnotify.domain.authorizations import TokenGrant
-from authnotify.store import SqlStore as Store, StoreError
+from authnotify.domain.authorizations import TokenGrant, access_token_fingerprint
+from authnotify.store import SqlStore as Store
+from authnotify.store import StoreError
 
 pytestmark = pytest.mark.slow  # every test here runs the authnotify command as a process
 

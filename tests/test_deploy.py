@@ -29,8 +29,8 @@ import pydantic
 import pytest
 import yaml
 
-from authnotify.messaging.topology import CONSUMER_NAMES
 from authnotify.config import ENV_PREFIX, Settings
+from authnotify.messaging.topology import CONSUMER_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -21,8 +21,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from authnotify.devtools.devkeys import ensure_dev_keys
 from authnotify.config import Settings
+from authnotify.devtools.devkeys import ensure_dev_keys
 from authnotify.messaging.topology import build_topology, delete_topology
 
 pytestmark = pytest.mark.slow  # every test here runs the authnotify command as a process
@@ -114,7 +114,7 @@ async def dev(tmp_path: Path, rabbitmq_url: str, namespace: str) -> AsyncIterato
             process.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(process.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 process.kill()
                 await process.wait()
         await asyncio.gather(*pumps, return_exceptions=True)

@@ -18,12 +18,12 @@ import aio_pika
 import orjson
 import pytest
 
-from authnotify.messaging.deadletters import DeadLetter, DeadLetterQueues, Selection
-from authnotify.messaging import headers as h
 from authnotify.config import Settings
-from authnotify.messaging.topology import Consumer, Topology, build_topology, declare_topology
 from authnotify.errors import PermanentError
+from authnotify.messaging import headers as h
 from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.messaging.deadletters import DeadLetter, DeadLetterQueues, Selection
+from authnotify.messaging.topology import Consumer, Topology, build_topology, declare_topology
 from authnotify.workers.process import Workers
 
 WAIT_SECONDS = 20.0

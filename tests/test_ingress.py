@@ -15,23 +15,23 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authnotify.messaging import headers as messages
 from authnotify.config import Settings
-from authnotify.observability.logging import configure_logging
 from authnotify.config.keys import public_key_pem
+from authnotify.messaging import headers as messages
+from authnotify.observability.logging import configure_logging
 from tests.conftest import TestKeys as Keys
 from tests.ingress_harness import (
     PROVIDER_CASES,
     SUCCESS_BODY,
     ProviderCase,
     RunningIngress,
-    rejection_rows,
     answer_signature_verifies,
     drain_queue,
     epoch_ms_request_time,
     iso_request_time,
     message_counts,
     notification_headers,
+    rejection_rows,
     start_ingress,
 )
 
@@ -330,7 +330,7 @@ async def test_under_concurrency_every_success_is_in_the_queue_and_the_rest_are_
     bodies = [token_created(str(i)) for i in range(40)]
     requests = [(body, notification_headers(keys.alipay.private_key, case, body)) for body in bodies]
     answers = await asyncio.gather(*(post(http, ingress, case, body, headers) for body, headers in requests))
-    accepted = {body for body, (status, _, _) in zip(bodies, answers) if status == 200}
+    accepted = {body for body, (status, _, _) in zip(bodies, answers, strict=True) if status == 200}
     assert {status for status, _, _ in answers} <= {200, 429}
     arrived = await drain_queue(amqp_connection, f"{ingress.settings.namespace}.token-created", expect=len(accepted))
     assert {m.body for m in arrived} == accepted

@@ -14,11 +14,8 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
-from authnotify.devtools.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
-from tests.events_harness import declare, eventually, metric, publish_event, running_workers, take_all, take_messages
-from authnotify.messaging import headers as h
 from authnotify.config import Settings
-from authnotify.errors import ConfigError
+from authnotify.devtools.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
 from authnotify.domain.authorizations import AuthorizationData, access_token_fingerprint
 from authnotify.domain.events import MerchantEvent
 from authnotify.domain.merchants import (
@@ -28,12 +25,14 @@ from authnotify.domain.merchants import (
     merchant_registry_from_settings,
     parse_merchant_registry,
 )
+from authnotify.errors import ConfigError, PermanentError, TransientError
+from authnotify.messaging import headers as h
+from authnotify.messaging.consumer import MessageContext
 from authnotify.messaging.topology import Consumer, build_topology
 from authnotify.workers import merchant_events
 from authnotify.workers.merchant_events import handle_merchant_event, signed_headers
 from authnotify.workers.resources import Resources
-from authnotify.errors import PermanentError, TransientError
-from authnotify.messaging.consumer import MessageContext
+from tests.events_harness import declare, eventually, metric, publish_event, running_workers, take_all, take_messages
 
 FAST_RETRIES = "200ms,400ms"
 PROCESSED = "authnotify_messages_processed_total"

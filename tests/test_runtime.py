@@ -17,14 +17,14 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from authnotify.messaging import headers as h
+from authnotify.alipay.notifications import InvalidNotification, parse_notification
 from authnotify.config import Settings
 from authnotify.domain.authorizations import AuthorizationData
 from authnotify.domain.events import MerchantEvent
-from authnotify.messaging.topology import Consumer, build_topology, declare_topology, event_routing_key
-from authnotify.alipay.notifications import InvalidNotification, parse_notification
 from authnotify.errors import PermanentError, TransientError
+from authnotify.messaging import headers as h
 from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.messaging.topology import Consumer, build_topology, declare_topology, event_routing_key
 from authnotify.workers.process import Workers
 
 FAST_RETRIES = "200ms,400ms"

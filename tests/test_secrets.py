@@ -21,11 +21,11 @@ import aio_pika
 import orjson
 import pytest
 
+from authnotify.config import Settings
 from authnotify.devtools.sandbox.alipay_gateway import RunningAlipayGateway
 from authnotify.devtools.sandbox.merchant_endpoint import RunningMerchantEndpoint, start_merchant_endpoint
-from authnotify.messaging import headers as h
-from authnotify.config import Settings
 from authnotify.domain.merchants import generate_secret
+from authnotify.messaging import headers as h
 from authnotify.messaging.topology import Consumer, build_topology
 from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
 from tests.events_harness import (

@@ -10,16 +10,16 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from authnotify.config.keys import InvalidKeyError, load_private_key, load_public_key, load_public_key_ring
 from authnotify.alipay.signature import (
     format_signature_header,
     parse_signature_header,
     sign_content,
     sign_request_headers,
-    signed_content,
     signature_time,
+    signed_content,
     verify_signature_header,
 )
+from authnotify.config.keys import InvalidKeyError, load_private_key, load_public_key, load_public_key_ring
 
 PATH = "/aps/api/v1/authorizations/authNotify"
 CLIENT_ID = "2188120123456789"
@@ -236,6 +236,6 @@ def test_bad_keys_are_rejected_without_showing_the_value(ossl: OpensslKeys, tmp_
         "map with a bad key": json.dumps({"1": ossl.spki_der_b64, "2": "garbage"}),
         "missing file": f"@{tmp_path}/nope.pem",
     }
-    for name, value in public_cases.items():
+    for value in public_cases.values():
         with pytest.raises(InvalidKeyError):
             load_public_key_ring(value)

@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authnotify.devtools import simulate
 from authnotify.cli.main import build_parser, main
-from authnotify.ingress.app import create_app
 from authnotify.config import Settings
 from authnotify.config.keys import private_key_pem, public_key_pem
+from authnotify.devtools import simulate
+from authnotify.ingress.app import create_app
 from authnotify.messaging.topology import build_topology
 from tests import conftest
 

@@ -17,13 +17,13 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select
 
 from authnotify.config import TokenKeys
-from authnotify.errors import ConfigError
-from authnotify.domain.authorizations import AuthorizationData, access_token_fingerprint
+from authnotify.domain.authorizations import AuthorizationData, Cancellation, TokenGrant, access_token_fingerprint
 from authnotify.domain.events import MerchantEvent, activation_events, cancellation_events
-from authnotify.domain.authorizations import Cancellation, TokenGrant
-from authnotify.store import SqlStore as Store, StoreError
-from authnotify.store.migrations import head_revision, upgrade_database
+from authnotify.errors import ConfigError
+from authnotify.store import SqlStore as Store
+from authnotify.store import StoreError
 from authnotify.store.memory import InMemoryStore
+from authnotify.store.migrations import head_revision, upgrade_database
 from authnotify.store.repository import AuthorizationStore
 from authnotify.store.schema import code_exchanges
 from tests.conftest import fresh_database

@@ -6,18 +6,18 @@ import uuid
 
 import aio_pika
 
-from authnotify.messaging import headers as h
 from authnotify.config import Settings
 from authnotify.domain.authorizations import access_token_fingerprint
-from authnotify.store import SqlStore as Store
+from authnotify.messaging import headers as h
 from authnotify.messaging.topology import Consumer, build_topology
+from authnotify.store import SqlStore as Store
 from tests.events_harness import (
     ams_token_canceled,
     ams_token_created,
     aps_token_canceled,
     aps_token_created,
-    eventually,
     events_of,
+    eventually,
     metric,
     publish_notification,
     running_workers,

@@ -22,13 +22,13 @@ import aio_pika
 
 from authnotify.config import Settings
 from authnotify.domain.authorizations import access_token_fingerprint
-from authnotify.store import SqlStore as Store
 from authnotify.messaging.topology import Consumer, build_topology
+from authnotify.store import SqlStore as Store
 from tests.events_harness import (
     aps_token_created,
     declare,
-    eventually,
     events_of,
+    eventually,
     new_token_key,
     publish_notification,
     queue_depth,

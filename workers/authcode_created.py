@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+
 import aiohttp
 
 from authnotify.alipay.client import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient, AlipayUnavailable, ApplyTokenResult

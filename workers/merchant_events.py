@@ -9,7 +9,6 @@ dead-lettered); an event no registry entry and no default takes is dead-lettered
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -89,7 +88,7 @@ async def handle_merchant_event(
         ) as response:
             status = response.status
             await response.read()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         MERCHANT_DELIVERIES.labels("failed").inc()
         raise TransientError(
             f"merchant {endpoint.name!r} did not answer within {DELIVERY_TIMEOUT_SECONDS:g} s"

@@ -8,7 +8,13 @@ this message may have been seen before (so a lost publish is repaired), never fo
 
 from __future__ import annotations
 
-from authnotify.alipay.notifications import TOKEN_CREATED, AmsTokenCreated, ApsTokenCreated, TokenCreated, parse_notification
+from authnotify.alipay.notifications import (
+    TOKEN_CREATED,
+    AmsTokenCreated,
+    ApsTokenCreated,
+    TokenCreated,
+    parse_notification,
+)
 from authnotify.domain.authorizations import TokenGrant
 from authnotify.domain.events import MerchantEvent, activation_events
 from authnotify.messaging.consumer import ConsumerSpec, MessageContext

@@ -363,7 +363,7 @@ class Sender:
                     latency = time.perf_counter() - started
                     status = response.status
                     answer_headers = response.headers
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 answer = Answer(notification.provider, notification.notify_type, None, "-", "timeout",
                                 time.perf_counter() - started, "n/a")
             except aiohttp.ClientError as exc:
@@ -435,7 +435,7 @@ async def _wait_for_activations(identity: Identity, session: Any, fingerprints: 
         try:
             async with session.get(identity.merchant_events_url) as response:
                 events = await response.json() if response.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             events = None
         if events is None:
             await asyncio.sleep(gap)
@@ -611,7 +611,7 @@ async def _check_reachable(session: Any, url: str) -> None:
     try:
         async with session.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=5)) as response:
             await response.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
         raise CommandError(
             f"authnotify simulate: ingress unreachable at {url} ({reason}): start `authnotify dev` "

@@ -22,11 +22,11 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
+from authnotify.alipay.signature import sign_request_headers, verify_signature_header
 from authnotify.config import ENV_PREFIX, ProviderConfig
 from authnotify.errors import ConfigError
 from authnotify.observability.logging import get_logger
 from authnotify.observability.metrics import APPLY_TOKEN_RESULTS, APPLY_TOKEN_SECONDS
-from authnotify.alipay.signature import sign_request_headers, verify_signature_header
 
 log = get_logger("authnotify.alipay")
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import base64
 import binascii
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 from standardwebhooks import Webhook

@@ -38,7 +38,7 @@ async def connect_once(url: str, *, timeout: float = COMMAND_CONNECT_TIMEOUT_SEC
     """A plain connection for a command: :class:`BrokerUnreachable` (one line) instead of retrying."""
     try:
         return await aio_pika.connect(url, timeout=timeout)
-    except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
         raise BrokerUnreachable(mask_url(url), exc) from None
 
 

@@ -39,7 +39,13 @@ from authnotify.domain.events import MerchantEvent
 from authnotify.errors import PermanentError, TransientError
 from authnotify.messaging import headers as h
 from authnotify.messaging.connection import Broker
-from authnotify.messaging.messages import OutgoingMessage, ReceivedMessage, dead_letter_message, event_message, retry_message
+from authnotify.messaging.messages import (
+    OutgoingMessage,
+    ReceivedMessage,
+    dead_letter_message,
+    event_message,
+    retry_message,
+)
 from authnotify.messaging.publisher import Publisher
 from authnotify.messaging.topology import Consumer, Topology, event_routing_key
 from authnotify.observability.logging import get_logger
@@ -341,7 +347,7 @@ class ConsumerRuntime:
             log.info("draining", messages=held, timeout_seconds=self.drain_timeout)
         try:
             await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # Unacked messages go back to the queue when the connection closes: nothing is lost.
             log.warning("drain_timeout", messages=len(self._inflight))
             for task in list(self._inflight):

@@ -13,10 +13,9 @@ The command line (``authnotify dlq``) prints what these return.
 
 from __future__ import annotations
 
-import asyncio
+import builtins
 import contextlib
 import hashlib
-import builtins
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -155,7 +154,7 @@ class DeadLetterQueues:
         try:
             async with command_connection(rabbitmq_url, topology) as connection:
                 yield cls(connection, topology)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
             raise CommandError(f"authnotify: broker connection lost during {operation} "
                                f"({type(exc).__name__})") from None
 

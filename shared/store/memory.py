@@ -21,16 +21,17 @@ from authnotify.domain.authorizations import (
     TokenGrant,
     Transition,
     code_hash,
-    iso_utc,
 )
 from authnotify.errors import StoreError
-from authnotify.store.repository import TokenKind
+from authnotify.store.repository import TokenKind, authorization_data
 
 
 @dataclass(frozen=True)
 class _Row:
+    """A row with the SQL schema's column names, so it reads like one."""
+
     provider: str
-    fingerprint: str
+    access_token_fingerprint: str
     status: str
     access_token: str
     created_at: datetime
@@ -48,25 +49,6 @@ class _Row:
     cancel_reason: str | None = None
     activated_at: datetime | None = None
     canceled_at: datetime | None = None
-
-    def data(self) -> AuthorizationData:
-        return AuthorizationData(
-            provider=self.provider,  # type: ignore[arg-type]
-            status=self.status,  # type: ignore[arg-type]
-            accessTokenFingerprint=self.fingerprint,
-            authClientId=self.auth_client_id,
-            referenceMerchantId=self.reference_merchant_id,
-            referenceAgreementId=self.reference_agreement_id,
-            customerId=self.customer_id,
-            userLoginId=self.user_login_id,
-            authState=self.auth_state,
-            scopes=list(self.scopes) if self.scopes is not None else None,
-            accessTokenExpiryTime=iso_utc(self.access_token_expires_at),
-            refreshTokenExpiryTime=iso_utc(self.refresh_token_expires_at),
-            canceledAt=iso_utc(self.canceled_at),
-            tokenCancelSource=self.token_cancel_source,
-            reason=self.cancel_reason,
-        )
 
 
 def _grant_fields(grant: TokenGrant) -> dict[str, Any]:
@@ -106,10 +88,10 @@ class InMemoryStore:
                        **{k: v for k, v in _grant_fields(grant).items() if k != "access_token"},
                        access_token=grant.access_token)
             self._rows[key] = row
-            return Transition(row.data(), True, now)
+            return Transition(authorization_data(row), True, now)
         filled = {name: value for name, value in _grant_fields(grant).items() if value is not None}
         row = self._rows[key] = replace(known, **filled)
-        return Transition(row.data(), False, row.activated_at or row.created_at)
+        return Transition(authorization_data(row), False, row.activated_at or row.created_at)
 
     async def record_code_exchange(self, provider: str, auth_code: str, grant: TokenGrant) -> Transition:
         transition = await self.record_tokens(grant)
@@ -131,16 +113,16 @@ class InMemoryStore:
         if row is None:  # a tombstone: a TOKEN_CREATED that arrives later cannot activate it
             row = self._rows[key] = _Row(cancel.provider, cancel.fingerprint, access_token=cancel.access_token,
                                          created_at=now, **known, **canceled)
-            return Transition(row.data(), True, now)
+            return Transition(authorization_data(row), True, now)
         if row.status == STATUS_ACTIVE:
             row = self._rows[key] = replace(row, **known, **canceled)
-            return Transition(row.data(), True, now)
-        return Transition(row.data(), False, row.canceled_at or row.created_at)
+            return Transition(authorization_data(row), True, now)
+        return Transition(authorization_data(row), False, row.canceled_at or row.created_at)
 
     async def find_code_exchange(self, provider: str, auth_code: str) -> AuthorizationData | None:
         self._check()
         key = self._exchanges.get(code_hash(provider, auth_code))
-        return self._rows[key].data() if key is not None else None
+        return authorization_data(self._rows[key]) if key is not None else None
 
     async def tokens_of(self, provider: str, fingerprint: str) -> tuple[str, str | None] | None:
         self._check()
@@ -149,16 +131,16 @@ class InMemoryStore:
 
     async def get_authorization(self, key: str) -> AuthorizationData | None:
         self._check()
-        by_fingerprint = [row for row in self._rows.values() if row.fingerprint == key]
+        by_fingerprint = [row for row in self._rows.values() if row.access_token_fingerprint == key]
         by_agreement = [row for row in self._rows.values() if row.reference_agreement_id == key]
         found = by_fingerprint or sorted(by_agreement, key=lambda row: row.created_at, reverse=True)
-        return found[0].data() if found else None
+        return authorization_data(found[0]) if found else None
 
     async def list_authorizations(self, *, status: str | None = None,
                                   merchant: str | None = None) -> list[AuthorizationData]:
         self._check()
-        rows = sorted(self._rows.values(), key=lambda row: (row.created_at, row.fingerprint, row.provider))
-        return [row.data() for row in rows
+        rows = sorted(self._rows.values(), key=lambda row: (row.created_at, row.access_token_fingerprint, row.provider))
+        return [authorization_data(row) for row in rows
                 if (status is None or row.status == status)
                 and (merchant is None or merchant in (row.reference_merchant_id, row.auth_client_id))]
 
@@ -167,7 +149,7 @@ class InMemoryStore:
         column = "access_token_expires_at" if token == "access" else "refresh_token_expires_at"
         due = [(getattr(row, column), row) for row in self._rows.values()
                if row.status == STATUS_ACTIVE and getattr(row, column) is not None and getattr(row, column) < before]
-        return [row.data() for _, row in sorted(due, key=lambda pair: (pair[0], pair[1].fingerprint))]
+        return [authorization_data(row) for _, row in sorted(due, key=lambda pair: (pair[0], pair[1].access_token_fingerprint))]
 
     async def reencrypt_tokens(self) -> int:
         self._check()

@@ -9,11 +9,32 @@ for :mod:`authnotify.domain.events` to say, not for the store.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from authnotify.domain.authorizations import AuthorizationData, Cancellation, TokenGrant, Transition
+from authnotify.domain.authorizations import AuthorizationData, Cancellation, TokenGrant, Transition, iso_utc
 
 TokenKind = Literal["access", "refresh"]
+
+
+def authorization_data(row: Any) -> AuthorizationData:
+    """A stored row (columns as the schema names them) as the rest of the system sees it: no token."""
+    return AuthorizationData(
+        provider=row.provider,
+        status=row.status,
+        accessTokenFingerprint=row.access_token_fingerprint,
+        authClientId=row.auth_client_id,
+        referenceMerchantId=row.reference_merchant_id,
+        referenceAgreementId=row.reference_agreement_id,
+        customerId=row.customer_id,
+        userLoginId=row.user_login_id,
+        authState=row.auth_state,
+        scopes=list(row.scopes) if row.scopes is not None else None,
+        accessTokenExpiryTime=iso_utc(row.access_token_expires_at),
+        refreshTokenExpiryTime=iso_utc(row.refresh_token_expires_at),
+        canceledAt=iso_utc(row.canceled_at),
+        tokenCancelSource=row.token_cancel_source,
+        reason=row.cancel_reason,
+    )
 
 
 class AuthorizationStore(Protocol):

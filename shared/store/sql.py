@@ -31,7 +31,6 @@ from authnotify.domain.authorizations import (
     TokenGrant,
     Transition,
     code_hash,
-    iso_utc,
 )
 from authnotify.errors import StoreError
 from authnotify.observability.redaction import mask_url
@@ -40,7 +39,7 @@ from authnotify.store.engine import create_engine, is_sqlite, parse_url
 from authnotify.store.errors import database_errors
 from authnotify.store.group_commit import GroupCommit
 from authnotify.store.postgres import NewGrantInserter
-from authnotify.store.repository import TokenKind
+from authnotify.store.repository import TokenKind, authorization_data
 from authnotify.store.schema import authorizations, code_exchanges
 
 _PK = (authorizations.c.access_token_fingerprint, authorizations.c.provider)
@@ -56,26 +55,6 @@ _NEW_ROW = {"p_status": STATUS_ACTIVE, "p_canceled_at": None, "p_token_cancel_so
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def authorization_data(row: Any) -> AuthorizationData:
-    return AuthorizationData(
-        provider=row.provider,
-        status=row.status,
-        accessTokenFingerprint=row.access_token_fingerprint,
-        authClientId=row.auth_client_id,
-        referenceMerchantId=row.reference_merchant_id,
-        referenceAgreementId=row.reference_agreement_id,
-        customerId=row.customer_id,
-        userLoginId=row.user_login_id,
-        authState=row.auth_state,
-        scopes=list(row.scopes) if row.scopes is not None else None,
-        accessTokenExpiryTime=iso_utc(row.access_token_expires_at),
-        refreshTokenExpiryTime=iso_utc(row.refresh_token_expires_at),
-        canceledAt=iso_utc(row.canceled_at),
-        tokenCancelSource=row.token_cancel_source,
-        reason=row.cancel_reason,
-    )
 
 
 def _granted(row: Any, created: bool) -> Transition:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
-import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -43,10 +43,10 @@ import aio_pika
 import orjson
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authnotify.messaging import headers as messages
-from authnotify.config.keys import private_key_pem, public_key_pem
 from authnotify.alipay.signature import sign_request_headers
-from authnotify.messaging.topology import Topology, QueueType, declare_topology, delete_topology
+from authnotify.config.keys import private_key_pem, public_key_pem
+from authnotify.messaging import headers as messages
+from authnotify.messaging.topology import QueueType, Topology, declare_topology, delete_topology
 
 AMS_PATH, APS_PATH = "/ams/notifyAuthorization", "/aps/api/v1/authorizations/authNotify"
 AMS_CLIENT_ID, APS_CLIENT_ID = "SANDBOX_BENCH_AMS", "2188120000000000"

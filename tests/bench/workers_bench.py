@@ -56,13 +56,12 @@ import orjson
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authnotify.messaging import headers as h
 from authnotify.config import Settings
+from authnotify.config.keys import private_key_pem, public_key_pem
 from authnotify.domain.authorizations import AuthorizationData, access_token_fingerprint
 from authnotify.domain.events import MerchantEvent
-from authnotify.config.keys import private_key_pem, public_key_pem
 from authnotify.domain.merchants import generate_secret
-from authnotify.observability.metrics import MESSAGES_PROCESSED
+from authnotify.messaging import headers as h
 from authnotify.messaging.topology import (
     Consumer,
     QueueType,
@@ -73,6 +72,7 @@ from authnotify.messaging.topology import (
     event_routing_key,
     notification_routing_key,
 )
+from authnotify.observability.metrics import MESSAGES_PROCESSED
 
 PHASES = ("bare", "sqlite", "postgresql", "merchant-events", "e2e", "e2e-open")
 IMPLIED = {"e2e": ("e2e-open",)}  # --only e2e runs both end-to-end phases
@@ -309,9 +309,9 @@ def _processed(consumer: Consumer) -> dict[str, int]:
 
 async def drain_worker(settings: Settings, consumer: Consumer, count: int, name: str, timeout: float) -> Drain:
     """One in-process Workers with the consumer's real handler, until ``count`` are processed."""
+    from authnotify.workers.process import Workers
     from authnotify.workers.registry import build_specs
     from authnotify.workers.resources import Resources
-    from authnotify.workers.process import Workers
 
     resources = Resources(settings)
     result = Drain(name, "in-process Workers")

@@ -34,8 +34,8 @@ from authnotify.alipay.client import (
     APS_APPLY_TOKEN_PATH,
     SANDBOX_CLIENT_PREFIX,
 )
-from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
 from authnotify.alipay.signature import sign_request_headers, verify_signature_header
+from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
 
 OutcomeKind = Literal["S", "F", "U", "http_error", "slow", "bad_signature"]
 

@@ -22,8 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authnotify.store.engine import create_engine, is_sqlite, parse_url
 from authnotify.observability.redaction import mask_url
+from authnotify.store.engine import create_engine, is_sqlite, parse_url
 from authnotify.store.errors import database_errors
 
 # Any constant works; this one spells "authnoti" so it is recognisable in pg_locks.
