@@ -1,4 +1,4 @@
-"""Configuration (contract section 3): every bad value is refused with one line naming its variable."""
+"""Configuration (docs/configuration.md): every bad value is refused with one line naming its variable."""
 
 from __future__ import annotations
 

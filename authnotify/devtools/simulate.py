@@ -1,4 +1,4 @@
-"""``authnotify simulate``: plays Alipay against a running ingress (contract section 9).
+"""``authnotify simulate``: plays Alipay against a running ingress (docs/commands.md).
 
 It sends notifications signed as Alipay signs them (RSA256 over ``POST <path>\\n<Client-Id>.<Request-Time>.<body>``)
 with the simulated Alipay's private key from ``.authnotify/`` (made by ``authnotify dev``) or a key given by
@@ -15,8 +15,8 @@ Scenarios (``--provider`` chooses AMS, Alipay+ or both; ``--count`` repeats per 
   come long after the activation.
 * ``authcode-created``, ``token-created``, ``token-canceled``: one type.
 * ``duplicates``: the same notification ``--repeat`` times (fresh Request-Time and signature each time).
-* ``retry-pattern``: the same notification on Alipay's schedule (seed 001: 0s, 2min, 10min, 10min, 1h, 2h,
-  6h, 15h), divided by ``--time-scale``; ``--stop-on-success`` stops at the first S as Alipay does.
+* ``retry-pattern``: the same notification on Alipay's retry schedule (0s, 2min, 10min, 10min, 1h, 2h, 6h,
+  15h), divided by ``--time-scale``; ``--stop-on-success`` stops at the first S as Alipay does.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ from authnotify.config.values import non_negative_float, positive_float, positiv
 from authnotify.devtools.devkeys import DEFAULT_DEV_DIR
 from authnotify.errors import EXIT_FAILURE, EXIT_OK, CommandError, ConfigError
 
-RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 54000.0)  # seed 001
+RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 54000.0)  # Alipay's retry schedule
 SCENARIOS = ("lifecycle", "authcode-created", "token-created", "token-canceled", "duplicates", "retry-pattern")
 DEFAULT_URL = "http://127.0.0.1:8080"
 ACTIVATION_WAIT_SECONDS = 30.0
 _ALIPAY_OFFSET = timezone(timedelta(hours=8))
 
-# The merchant ids the Alipay+ samples use (seed 003): auth client and reference merchant.
+# The merchant ids of Alipay+'s authNotify samples: auth client and reference merchant.
 APS_AUTH_CLIENT_ID = "218823863726123456789"
 APS_REFERENCE_MERCHANT_ID = "218823863726123456780"
 APS_ACQUIRER_ID = "1021234567891230001"
@@ -122,7 +122,7 @@ class Authorization:
 
 
 class NotificationFactory:
-    """Bodies shaped like the seeds' samples, with values unique to this run."""
+    """Bodies shaped like Alipay's documented samples, with values unique to this run."""
 
     def __init__(self, tokens_for_code: Callable[[str, str], str] | None) -> None:
         self.run_id = secrets.token_hex(4).upper()
