@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from authnotify.alipay.notifications import NOTIFY_PATHS, NOTIFY_TYPES
-from authnotify.config import SimulateSettings, load
+from authnotify.config import DevSettings, SimulateSettings, load
 from authnotify.config.values import non_negative_float, positive_float, positive_int
 from authnotify.devtools.devkeys import DEFAULT_DEV_DIR
 from authnotify.errors import EXIT_FAILURE, EXIT_OK, CommandError, ConfigError
@@ -58,8 +58,8 @@ APS_PSP_ID = "1021234567891230002"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", nargs="?", default="lifecycle", choices=SCENARIOS,
                         help="what to send (default: lifecycle)")
-    parser.add_argument("--url", help="the ingress base URL (default: the running `authnotify dev`'s, "
-                                      f"else $AUTHNOTIFY_SIMULATE_URL, else {DEFAULT_URL})")
+    parser.add_argument("--url", help="the ingress base URL (default: $AUTHNOTIFY_SIMULATE_URL, else the "
+                                      f"running `authnotify dev`'s, else {DEFAULT_URL})")
     parser.add_argument("--provider", choices=("ams", "aps", "both"), default="both")
     parser.add_argument("--count", type=positive_int, default=1,
                         help="notifications (lifecycles) per provider (default 1)")
@@ -83,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-version", default="1", help="keyVersion in the Signature header (default 1)")
     parser.add_argument("--timeout", type=positive_float, default=10.0,
                         help="seconds to wait for each answer (default 10)")
-    parser.add_argument("--dev-dir", default=DEFAULT_DEV_DIR, type=Path,
-                        help="where `authnotify dev` keeps its keys (default .authnotify)")
+    parser.add_argument("--dev-dir", type=Path,
+                        help="where `authnotify dev` keeps its keys (default: $AUTHNOTIFY_DEV_DIR, else "
+                             f"{DEFAULT_DEV_DIR})")
     parser.add_argument("--ams-client-id", help="Client-Id for AMS (default: $AUTHNOTIFY_AMS_CLIENT_ID, else dev's)")
     parser.add_argument("--aps-client-id", help="Client-Id for Alipay+ (default: $AUTHNOTIFY_APS_CLIENT_ID, else dev's)")
     parser.add_argument("--alipay-private-key", metavar="KEY",
@@ -236,6 +237,8 @@ def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity
 
     try:
         env = load(SimulateSettings)
+        if args.dev_dir is None:
+            args.dev_dir = load(DevSettings).dev_dir
     except ConfigError as exc:
         raise CommandError(f"authnotify simulate: configuration: {exc}") from None
     try:
