@@ -33,12 +33,12 @@ AUTH_CODE = "2810111301lGZcM9CjlF91WH00039190xxxx"
 async def replay(settings: Settings, names: list[str], *, ids: list[str] | None = None, limit: int | None = None,
                  dry_run: bool = False) -> list[DeadLetter]:
     """What `dlq replay` does, in-process (the CLI adds only argument parsing and output)."""
-    async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings)) as queues:
+    async with DeadLetterQueues.open(settings.broker_url(), build_topology(settings)) as queues:
         return await queues.replay(names, Selection(ids or [], limit), dry_run=dry_run)
 
 
 async def list_dead_letters(settings: Settings, names: list[str]) -> list[DeadLetter]:
-    async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings)) as queues:
+    async with DeadLetterQueues.open(settings.broker_url(), build_topology(settings)) as queues:
         return await queues.list(names)
 
 
@@ -67,7 +67,7 @@ async def setup(make_settings, amqp_connection, request: pytest.FixtureRequest) 
 def cli_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env.update({
-        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
+        "AUTHNOTIFY_RABBITMQ_URL": settings.broker_url(),
         "AUTHNOTIFY_NAMESPACE": settings.namespace,
         "AUTHNOTIFY_QUEUE_TYPE": settings.queue_type,
         "AUTHNOTIFY_RETRY_DELAYS": "200ms,400ms",

@@ -82,8 +82,8 @@ async def test_no_raw_token_or_code_in_logs_database_dead_letters_or_merchant_ev
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env.update({
-        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
-        "AUTHNOTIFY_DATABASE_URL": settings.database_url,
+        "AUTHNOTIFY_RABBITMQ_URL": settings.broker_url(),
+        "AUTHNOTIFY_DATABASE_URL": settings.store_url(),
         "AUTHNOTIFY_NAMESPACE": settings.namespace,
         "AUTHNOTIFY_QUEUE_TYPE": settings.queue_type,
         "AUTHNOTIFY_TOKEN_KEYS": token_key,
