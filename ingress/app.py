@@ -159,7 +159,7 @@ class NotificationEndpoint:
 
 
 def create_app(settings: Settings, *, broker: Broker | None = None,
-               publisher: Publisher | None = None) -> web.Application:
+               publisher: Publisher | None = None, body_budget: BodyBudget | None = None) -> web.Application:
     """The ingress application.
 
     By default it opens its own broker connection and confirmed publisher, and closes them on cleanup.
@@ -174,7 +174,7 @@ def create_app(settings: Settings, *, broker: Broker | None = None,
             broker = owned_broker = Broker(settings.broker_url(), topology, connection_name="authnotify-ingress")
         publisher = owned = ConfirmedPublisher(broker, name="ingress", confirm_timeout=CONFIRM_TIMEOUT_SECONDS)
     inflight = InflightLimit(settings.ingress_max_inflight)
-    budget = BodyBudget()
+    budget = body_budget or BodyBudget()
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[PUBLISHER_KEY] = publisher

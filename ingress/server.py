@@ -33,6 +33,9 @@ LISTEN_BACKLOG = 4096
 # An idle connection (also one that never finishes its headers) is closed after this; aiohttp's own default
 # is an hour, which lets idle connections pile up.
 KEEPALIVE_TIMEOUT_SECONDS = 75.0
+# After answering a request whose body was not read (too big, too slow), aiohttp reads and discards the rest
+# for this long before closing, so the client sees the answer; its default, 10 s, keeps slow clients around.
+LINGERING_SECONDS = 1.0
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -59,8 +62,8 @@ def raise_open_file_limit() -> int:
 
 def ingress_runner(app: web.Application, *, handle_signals: bool = False) -> web.AppRunner:
     """The runner every ingress listener uses (the service, ``dev``, the tests): same timeouts everywhere."""
-    return web.AppRunner(app, access_log=None, handle_signals=handle_signals,
-                         shutdown_timeout=DRAIN_TIMEOUT_SECONDS, keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS)
+    return web.AppRunner(app, access_log=None, handle_signals=handle_signals, shutdown_timeout=DRAIN_TIMEOUT_SECONDS,
+                         keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS, lingering_time=LINGERING_SECONDS)
 
 
 async def run_ingress(settings: Settings) -> int:

@@ -236,9 +236,9 @@ def rejection_rows(case: ProviderCase, keys: Any, body: bytes) -> list[Rejection
 
 
 @asynccontextmanager
-async def ingress_on_memory(settings: Settings, publisher: Any) -> AsyncIterator[RunningIngress]:
+async def ingress_on_memory(settings: Settings, publisher: Any, **options: Any) -> AsyncIterator[RunningIngress]:
     """The ingress publishing to ``publisher`` (an in-memory one): its checks and answers, without a broker."""
-    app = create_app(settings, publisher=publisher)
+    app = create_app(settings, publisher=publisher, **options)
     runner = ingress_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
