@@ -44,7 +44,7 @@ def nested(depth: int, kind: str) -> bytes:
 BODIES = (
     JSON.map(orjson.dumps)
     | st.binary(max_size=300)
-    | st.integers(20, 5000).map(lambda digits: b'{"authorizationNotifyType":"TOKEN_CREATED","accessToken":1' + b"0" * digits + b"}")
+    | st.integers(20, 5000).map(lambda n: b'{"authorizationNotifyType":"TOKEN_CREATED","accessToken":1' + b"0" * n + b"}")
     | st.builds(nested, st.integers(1, 3000), st.sampled_from(["list", "object"]))
     | st.dictionaries(KEYS, JSON, max_size=8).map(lambda d: orjson.dumps({"authorizationNotifyType": "TOKEN_CREATED", **d}))
 )
