@@ -253,7 +253,28 @@ def build_topology(settings: Any) -> Topology:
 
 
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
-    """Idempotent: re-declaring with the same arguments is a no-op for the broker."""
+    """Idempotent: re-declaring with the same arguments is a no-op for the broker.
+
+    A broker user without the configure permission (each process has a user of its own, allowed only what it
+    does: see deploy/) cannot declare: then the topology, declared by the operator's user
+    (``authnotify topology``), is checked passively instead, and a missing part is an error as before."""
+    try:
+        await _declare_everything(channel, topology)
+    except aio_pika.exceptions.ChannelAccessRefused:
+        await channel.reopen()
+        await check_topology(channel, topology)
+        log.info("topology_checked", reason="this broker user may not declare; the topology exists")
+
+
+async def check_topology(channel: AbstractChannel, topology: Topology) -> None:
+    """Passive declarations of every exchange and queue: ChannelNotFoundEntity when one is missing."""
+    for spec in topology.exchanges():
+        await channel.get_exchange(spec.name, ensure=True)
+    for queue_spec in topology.queues():
+        await channel.declare_queue(queue_spec.name, passive=True)
+
+
+async def _declare_everything(channel: AbstractChannel, topology: Topology) -> None:
     exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
     for spec in topology.exchanges():
         exchanges[spec.name] = await channel.declare_exchange(
