@@ -754,8 +754,8 @@ def test_compose_names_every_process_with_its_command(compose: dict[str, Any]) -
         assert services[name]["command"] == command, name
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (DEPLOY / services[name]["build"]["context"] / "deploy" / "Dockerfile").is_file()
-    assert re.fullmatch(r"rabbitmq:3\.1[3-9]-management", services["rabbitmq"]["image"])
-    assert services["postgres"]["image"].startswith("postgres:16")
+    assert re.fullmatch(r"rabbitmq:3\.1[3-9]-management@sha256:[0-9a-f]{64}", services["rabbitmq"]["image"])
+    assert re.fullmatch(r"postgres:16@sha256:[0-9a-f]{64}", services["postgres"]["image"])
     assert services["ingress"]["ports"] == ["${AUTHNOTIFY_PUBLISH_PORT:-8080}:8080"]
 
 
@@ -803,6 +803,30 @@ def test_compose_settings_and_key_files(compose: dict[str, Any]) -> None:
     check_settings_values(example, "deploy/.env.example")
     interpolated = set(re.findall(r"\$\{([A-Z_]+)", (DEPLOY / "compose.yaml").read_text()))
     assert interpolated <= set(example) | {"AUTHNOTIFY_IMAGE", "AUTHNOTIFY_PUBLISH_PORT"}
+
+
+def test_compose_gives_each_container_only_what_its_process_needs(compose: dict[str, Any]) -> None:
+    """Issue 6: compose gave every container every secret (the whole .env and every key file)."""
+    from authnotify.config import Need
+
+    variables_of_need = {
+        Need.BROKER: {"AUTHNOTIFY_RABBITMQ_URL"}, Need.DATABASE: {"AUTHNOTIFY_DATABASE_URL"},
+        Need.TOKEN_KEYS: {"AUTHNOTIFY_TOKEN_KEYS"}, Need.MERCHANTS_FILE: {"AUTHNOTIFY_MERCHANTS_FILE"},
+        Need.ALIPAY_KEYS: {f"AUTHNOTIFY_{p}_{k}" for p in ("AMS", "APS") for k in ("PRIVATE_KEY", "ALIPAY_PUBLIC_KEY")},
+    }
+    secret_files = {Need.ALIPAY_KEYS: {"ams_private_key", "ams_alipay_public_key", "aps_private_key",
+                                       "aps_alipay_public_key"}, Need.MERCHANTS_FILE: {"merchants"}}
+    secret_variables = set().union(*variables_of_need.values())
+    for name, service in compose["services"].items():
+        if name in ("rabbitmq", "postgres"):
+            continue
+        assert "env_file" not in service, f"{name} would get the whole .env"
+        needs = _process_needs(service["command"])
+        environment = set(service.get("environment", {}))
+        allowed = set().union(*(variables_of_need.get(need, set()) for need in needs))
+        assert environment & secret_variables == allowed, name
+        mounted = {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
+        assert mounted == set().union(*(secret_files.get(need, set()) for need in needs)), name
 
 
 # --- image ------------------------------------------------------------------------------------------
@@ -1058,3 +1082,29 @@ def test_images_are_pinned_by_digest(overlay: str, request: pytest.FixtureReques
         if overlay == "base" and image.split(":")[0] == "authnotify":
             continue  # the overlay names the registry and the digest of the release
         assert re.search(r"@sha256:[0-9a-f]{64}$", image), image
+
+
+def test_the_image_installs_the_locked_dependencies_hash_checked_and_nothing_else() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    runs = [args for op, args in dockerfile_instructions() if op == "RUN" and "pip install" in args]
+    locked_install = next(run for run in runs if "requirements.lock" in run)
+    assert "--require-hashes" in locked_install and "--no-deps" in locked_install
+    package_install = next(run for run in runs if " . " in f"{run} ")
+    assert all(flag in package_install for flag in ("--no-deps", "--no-index", "--no-build-isolation"))
+
+    lock = (DEPLOY / "requirements.lock").read_text()
+    entries = re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)[^\n]*\\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock,
+                         re.MULTILINE)
+    pinned = {canonicalize_name(name): version for name, version, _ in entries}
+    assert len(pinned) == lock.count("=="), "every pinned line carries its hashes"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [Requirement(text) for text in project["project"]["dependencies"]]
+    wanted += [Requirement(text) for text in project["build-system"]["requires"]]
+    for requirement in wanted:
+        version = pinned.get(canonicalize_name(requirement.name))
+        assert version is not None, f"{requirement.name} is not in deploy/requirements.lock (run make lock)"
+        assert requirement.specifier.contains(version, prereleases=True), f"{requirement} vs locked {version}"
