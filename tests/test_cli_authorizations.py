@@ -87,7 +87,7 @@ async def _cli(database_url: str, cwd: Path, *args: str) -> Result:
 
 async def _many(filled: Filled, cwd: Path, *invocations: tuple[str, ...]) -> list[Result]:
     # Concurrently: each run pays the interpreter's start-up, not the test's wall time.
-    return list(await asyncio.gather(*(_cli(filled.store_url(), cwd, *args) for args in invocations)))
+    return list(await asyncio.gather(*(_cli(filled.database_url, cwd, *args) for args in invocations)))
 
 
 def _assert_no_secret(filled: Filled, *results: Result) -> None:

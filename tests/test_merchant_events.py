@@ -466,3 +466,9 @@ async def test_event_without_endpoint_or_with_a_bad_body_is_dead_lettered_at_onc
     assert reasons["bad-1"].startswith("not a merchant event: ")
     assert all(m.headers[h.DEAD_ATTEMPTS] == 1 for m in dead)
     assert merchant.endpoint.requests == []
+
+
+def test_an_entry_with_an_events_filter_keeps_its_secrets() -> None:
+    secret = generate_secret()
+    registry = parse_merchant_registry(toml_entry("M-1", "https://x.example", secret, ["authorization.canceled"]))
+    assert registry.entries["M-1"].secrets == (secret,)

@@ -112,10 +112,10 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
 
     if "secret" in entry and "secrets" in entry:
         fail("give secret or secrets, not both")
-    listed = [entry["secret"]] if "secret" in entry else entry.get("secrets")
-    if not isinstance(listed, list) or not listed:
+    given_secrets = [entry["secret"]] if "secret" in entry else entry.get("secrets")
+    if not isinstance(given_secrets, list) or not given_secrets:
         fail("secret is required (whsec_ followed by base64 of 24 to 64 random bytes), or secrets = [...]")
-    for position, secret in enumerate(listed, start=1):
+    for position, secret in enumerate(given_secrets, start=1):
         which = "secret" if "secret" in entry else f"secrets[{position}]"
         if not isinstance(secret, str) or not secret:
             fail(f"{which} must be whsec_ followed by base64 of 24 to 64 random bytes")
@@ -134,7 +134,8 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
         if wrong:
             fail(f"events: unknown type {wrong[0]!r} (known: {', '.join(EVENT_TYPES)})")
         events = frozenset(listed)
-    return Endpoint(name=name, url=url.strip(), secrets=tuple(secret.strip() for secret in listed), events=events)
+    return Endpoint(name=name, url=url.strip(), secrets=tuple(secret.strip() for secret in given_secrets),
+                    events=events)
 
 
 def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE) -> MerchantRegistry:
