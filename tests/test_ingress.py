@@ -439,3 +439,45 @@ async def test_header_bytes_that_are_not_utf8_are_refused_not_crashed_on(
         assert status_line.startswith(b"HTTP/1.1 401"), (name, answer[:200])
         assert orjson.loads(rest.split(b"\r\n\r\n", 1)[1])["result"]["resultCode"] == code
     assert await message_counts(amqp_connection, ingress.topology) == {}
+
+
+@pytest.mark.slow
+async def test_metrics_answer_on_their_own_port_never_on_the_one_alipay_reaches(tmp_path: Any, keys: Keys) -> None:
+    """Issue 10: /metrics answered on the Alipay-facing port."""
+    import os
+    import socket
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
+    http_port, metrics_port = free_port(), free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
+    env.update({"AUTHNOTIFY_HTTP_HOST": "127.0.0.1", "AUTHNOTIFY_HTTP_PORT": str(http_port),
+                "AUTHNOTIFY_METRICS_PORT": str(metrics_port), "AUTHNOTIFY_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/",
+                "AUTHNOTIFY_AMS_CLIENT_ID": "C", "AUTHNOTIFY_AMS_PRIVATE_KEY": keys.ours.private_pem,
+                "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": keys.alipay.public_pem})
+    process = subprocess.Popen([sys.executable, "-m", "authnotify", "ingress"], env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{http_port}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "the ingress did not start"
+                await asyncio.sleep(0.1)
+            async with http.get(f"http://127.0.0.1:{http_port}/metrics") as response:
+                assert response.status == 404
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                assert response.status == 200
+                assert "authnotify_broker_connected" in await response.text()
+    finally:
+        process.terminate()
+        process.wait(30)
