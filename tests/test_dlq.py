@@ -191,6 +191,9 @@ async def test_listing_a_quorum_dead_letter_queue_50_times_loses_nothing(
 
         queues = DeadLetterQueues(amqp_connection, topology)  # not .open(): that declares every queue
         for listing in range(50):
+            # A listing's messages go back when its channel closes, a moment later: wait for all five (a lost
+            # one never comes back, and the wait fails).
+            await wait_for(lambda: _depth_at_least(amqp_connection, dlq, 5), what=f"dead letters back ({listing})")
             assert [letter.id for letter in await queues.list(["token-created"])] == ids, listing
             await _list_by_closing_the_channel(amqp_connection, control)
         assert await depth(amqp_connection, dlq) == 5
