@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from authnotify.alipay.notifications import AUTHCODE_CREATED, NOTIFY_TYPES, TOKEN_CANCELED, TOKEN_CREATED
@@ -260,7 +261,7 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
     (``authnotify topology``), is checked passively instead, and a missing part is an error as before."""
     try:
         await _declare_everything(channel, topology)
-    except aio_pika.exceptions.ChannelAccessRefused:
+    except aiormq.exceptions.ChannelAccessRefused:
         await channel.reopen()
         await check_topology(channel, topology)
         log.info("topology_checked", reason="this broker user may not declare; the topology exists")
