@@ -104,7 +104,7 @@ def settle(topology: Topology, body: bytes, provider: str, attempt: int) -> list
     return asyncio.run(run())
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(body=BODIES, provider=st.sampled_from(["ams", "aps", "xx"]), attempt=st.integers(1, 3))
 @example(body=nested(990, "list"), provider="aps", attempt=1)
 @example(body=nested(990, "object"), provider="aps", attempt=3)
@@ -117,7 +117,7 @@ def test_every_body_ends_acked_retried_or_dead_lettered_with_a_reason(topology: 
 
 
 @given(body=BODIES)
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(body=nested(990, "object"))
 def test_a_failure_reason_is_one_short_line_whatever_the_body(body: bytes) -> None:
     reason = failure_reason(ValueError("bad\nvalue with accessToken t"), body)

@@ -206,6 +206,7 @@ async def _raw_request(url: str, case: ProviderCase, headers: dict[str, str], de
     return reader, writer
 
 
+@pytest.mark.slow  # waits on the body timeout and the lingering close
 async def test_a_body_that_does_not_arrive_in_time_is_answered_408_u_and_the_connection_closed(
     offline_settings: Callable[..., Settings], keys: Keys,
 ) -> None:
@@ -228,6 +229,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_answered_408_u_and_the_con
     assert publisher.published == []
 
 
+@pytest.mark.slow  # waits for bodies to age past the eviction age, and on closed connections
 async def test_slow_bodies_beyond_the_byte_budget_are_cut_off_and_a_valid_notification_still_succeeds(
     offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
 ) -> None:
@@ -253,7 +255,7 @@ async def test_slow_bodies_beyond_the_byte_budget_are_cut_off_and_a_valid_notifi
         answered_in = asyncio.get_running_loop().time() - started
         async def closed_by_the_ingress(reader: asyncio.StreamReader) -> bool:
             try:
-                await asyncio.wait_for(reader.read(), 1.0)  # returns once the ingress has closed it
+                await asyncio.wait_for(reader.read(), 0.5)  # returns once the ingress has closed it
             except TimeoutError:
                 return False
             return True
