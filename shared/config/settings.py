@@ -24,7 +24,7 @@ from authnotify.config.keys import (
     load_private_key,
     load_public_key_ring,
 )
-from authnotify.config.values import parse_durations
+from authnotify.config.values import parse_duration, parse_durations
 from authnotify.errors import ConfigError
 
 ENV_PREFIX = "AUTHNOTIFY_"
@@ -36,6 +36,12 @@ def _parse_retry_delays(value: Any) -> tuple[float, ...]:
     if isinstance(value, (tuple, list)):
         return tuple(float(v) for v in value)
     return parse_durations(str(value))
+
+
+def _parse_duration(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    return parse_duration(str(value))
 
 
 def _parse_private_key(value: Any) -> PrivateKey | None:
@@ -92,6 +98,7 @@ def _parse_token_keys(value: Any) -> TokenKeys | None:
 
 
 RetryDelays = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_parse_retry_delays)]
+Duration = Annotated[float, NoDecode, BeforeValidator(_parse_duration)]  # seconds; written 10s, 1m, 24h, 7d
 PrivateKeyValue = Annotated[Any, NoDecode, BeforeValidator(_parse_private_key)]
 PublicKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_public_keys)]
 TokenKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_token_keys)]
@@ -156,6 +163,16 @@ class Settings(EnvironmentSettings):
     ingress_max_inflight: int = Field(default=1024, ge=1)
     log_format: Literal["json", "console"] = "json"
 
+    # The token lifecycle (docs/lifecycle.md): the scheduler's pace and how far ahead it looks.
+    scheduler_interval: Duration = 60.0
+    refresh_before: Duration = 86400.0
+    expiry_warning: Duration = 7 * 86400.0
+
+    # The internal API (docs/api.md): never the ingress's listener.
+    api_host: str = Field(default="127.0.0.1", min_length=1)
+    api_port: int = Field(default=8088, ge=1, le=65535)
+    api_keys_file: Path | None = None
+
     @model_validator(mode="after")
     def _provider_keys_complete(self) -> Settings:
         for name in PROVIDERS:
@@ -199,6 +216,9 @@ class DevSettings(EnvironmentSettings):
     dev_gateway_port: int = Field(default=8081, ge=0, le=65535)
     dev_merchant_port: int = Field(default=8082, ge=0, le=65535)
     dev_dir: Path = Path(".authnotify")
+    # Lifetimes of the tokens the simulated gateway hands out: short enough to watch a lifecycle.
+    dev_access_token_lifetime: Duration = 10.0
+    dev_refresh_token_lifetime: Duration = 30.0
 
 
 class SimulateSettings(EnvironmentSettings):
