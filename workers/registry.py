@@ -7,7 +7,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from authnotify.messaging.consumer import ConsumerSpec
 from authnotify.messaging.topology import Consumer
-from authnotify.workers import authcode_created, merchant_events, token_canceled, token_created
+from authnotify.workers import (
+    authcode_created,
+    merchant_events,
+    revocations,
+    token_canceled,
+    token_created,
+    token_refresh,
+)
 from authnotify.workers.resources import Resources
 
 BuildConsumer = Callable[[Resources], Awaitable[ConsumerSpec]]
@@ -16,6 +23,8 @@ CONSUMERS: dict[Consumer, BuildConsumer] = {
     Consumer.AUTHCODE_CREATED: authcode_created.consumer,
     Consumer.TOKEN_CREATED: token_created.consumer,
     Consumer.TOKEN_CANCELED: token_canceled.consumer,
+    Consumer.TOKEN_REFRESH: token_refresh.consumer,
+    Consumer.REVOCATIONS: revocations.consumer,
     Consumer.MERCHANT_EVENTS: merchant_events.consumer,
 }
 
