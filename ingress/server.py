@@ -7,8 +7,6 @@ by its confirm timeout), and only then the broker channel and connection close.
 from __future__ import annotations
 
 import gc
-import os
-import socket
 
 from aiohttp import web
 
@@ -16,7 +14,7 @@ from authnotify.alipay.notifications import NOTIFY_PATHS
 from authnotify.config import PROVIDERS, Settings
 from authnotify.errors import EXIT_OK, EXIT_USAGE, CommandError
 from authnotify.ingress.app import INFLIGHT_KEY, create_app
-from authnotify.messaging.lifecycle import Lifecycle
+from authnotify.messaging.lifecycle import Lifecycle, listen
 from authnotify.observability.logging import get_logger
 
 log = get_logger("authnotify.ingress")
@@ -24,16 +22,6 @@ log = get_logger("authnotify.ingress")
 # In-flight publishes give up after their confirm timeout, so a drain never needs longer than this.
 DRAIN_TIMEOUT_SECONDS = 10.0
 LISTEN_BACKLOG = 1024
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """Binds now, so a port in use fails with one line before anything else starts."""
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    try:
-        return socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
-    except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        raise CommandError(f"authnotify: cannot listen on {host}:{port} ({reason})") from None
 
 
 async def run_ingress(settings: Settings) -> int:

@@ -265,8 +265,11 @@ class InMemoryStore:
         refresh_valid = row.refresh_token is not None and (
             row.refresh_token_expires_at is None or row.refresh_token_expires_at > now)
         access = row.access_token_expires_at
+        outlives = row.refresh_token_expires_at is None or (
+            access is not None and row.refresh_token_expires_at > access)
         refresh = access is not None and not_pending and (
-            (refresh_valid and access < now + schedule.refresh_before) or (not refresh_valid and access <= now))
+            (refresh_valid and outlives and access < now + schedule.refresh_before)
+            or (not refresh_valid and access <= now))
         keepalive = keepalive_expiry(row)
         warn = (keepalive is not None and now < keepalive < now + schedule.expiry_warning
                 and row.expiry_warned_for != keepalive)

@@ -54,17 +54,17 @@ def authorization_data(row: Any) -> AuthorizationData:
 def ended_at(row: Any) -> datetime | None:
     """When a canceled or expired authorization ended (the createdAt of that event)."""
     if row.status == STATUS_CANCELED:
-        return row.canceled_at or row.updated_at  # type: ignore[no-any-return]
+        return row.canceled_at or row.updated_at
     if row.status == STATUS_EXPIRED:
-        return row.expired_at or row.updated_at  # type: ignore[no-any-return]
+        return row.expired_at or row.updated_at
     return None
 
 
 def keepalive_expiry(row: Any) -> datetime | None:
     """The expiry of the token that keeps the authorization alive: its refresh token, else its access token."""
     if row.refresh_token_encrypted is not None:
-        return row.refresh_token_expires_at  # type: ignore[no-any-return]
-    return row.access_token_expires_at  # type: ignore[no-any-return]
+        return row.refresh_token_expires_at
+    return row.access_token_expires_at
 
 
 # --- what the lifecycle operations return ----------------------------------------------------------------

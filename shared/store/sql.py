@@ -116,8 +116,12 @@ class _Due:
                                               a.c.refresh_token_expires_at > now))
         not_pending = or_(a.c.refresh_requested_at.is_(None), a.c.refresh_requested_at < pending_since)
         self.keepalive = case((has_refresh, a.c.refresh_token_expires_at), else_=a.c.access_token_expires_at)
-        # Refresh while the refresh token is valid; once it cannot be refreshed, the request expires it.
-        self.to_refresh = and_(not_pending, refresh_valid, a.c.access_token_expires_at < refresh_horizon)
+        # Refresh while the refresh token is valid and outlives the access token (a refresh cannot give more
+        # than that: asking again and again near its end would only hammer Alipay); once it cannot be
+        # refreshed, the request expires it.
+        outlives = or_(a.c.refresh_token_expires_at.is_(None),
+                       a.c.refresh_token_expires_at > a.c.access_token_expires_at)
+        self.to_refresh = and_(not_pending, refresh_valid, outlives, a.c.access_token_expires_at < refresh_horizon)
         self.to_expire = and_(not_pending, not_(refresh_valid), a.c.access_token_expires_at <= now)
         self.refresh = or_(self.to_refresh, self.to_expire)
         self.warning = and_(
@@ -555,8 +559,8 @@ class SqlStore:
                     (a.c.status == STATUS_ACTIVE) & (column > now) & (column < now + window)).label(f"{kind}_{label}"))
         with self._errors("cannot read lifecycle statistics"):
             async with self._engine.connect() as conn:
-                by_status = {row.status: row.count for row in (await conn.execute(
-                    select(a.c.status, func.count().label("count")).group_by(a.c.status))).all()}
+                by_status: dict[str, int] = {row.status: int(row.total) for row in (await conn.execute(
+                    select(a.c.status, func.count().label("total")).group_by(a.c.status))).all()}
                 counts = (await conn.execute(select(*expiring_columns))).one()
                 # The oldest due time among work not yet published: a refresh is due refresh_before ahead of
                 # the access token's expiry, an expiry at it, a warning expiry_warning ahead of the keep-alive.
@@ -572,7 +576,7 @@ class SqlStore:
             (schedule.refresh_before, timedelta(0), schedule.expiry_warning), strict=True) if when is not None]
         return LifecycleStats(
             by_status=by_status,
-            expiring={(kind, label): int(getattr(counts, f"{kind}_{label}"))  # type: ignore[misc]
+            expiring={(kind, label): int(getattr(counts, f"{kind}_{label}"))
                       for label, _ in EXPIRING_WINDOWS for kind in ("access", "refresh")},
             oldest_due=min(oldest) if oldest else None,
         )
@@ -581,7 +585,7 @@ class SqlStore:
     def _as_time(value: Any) -> datetime:
         if isinstance(value, str):  # SQLite date arithmetic answers text
             value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value  # type: ignore[no-any-return]
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
     # --- commands -----------------------------------------------------------------------------------------
 
