@@ -502,20 +502,27 @@ class SqlStore:
             a.update()
             .where(a.c.authorization_id.in_(chosen.scalar_subquery()))
             .values(scheduler_claimed_at=now)
-            .returning(*_COLUMNS, due.refresh.label("due_refresh"),
-                       case((due.warning, due.keepalive), else_=None).label("due_warn_for"))
+            .returning(*_COLUMNS)
         )
+        params = due.params(schedule, now)
         with self._errors("cannot claim due work"):
             async with self._engine.begin() as conn:
-                rows = (await conn.execute(claim, due.params(schedule, now))).all()
+                rows = (await conn.execute(claim, params)).all()
+                # What is due for each, in a query of its own: SQLite's RETURNING mixes up bound parameters.
+                kinds = {row.authorization_id: row for row in (await conn.execute(
+                    select(a.c.authorization_id, due.refresh.label("refresh"),
+                           case((due.warning, due.keepalive), else_=None).label("warn_for"))
+                    .where(a.c.authorization_id.in_([row.authorization_id for row in rows])), params)).all()
+                } if rows else {}
         works = []
         for row in rows:
-            warn_for = row.due_warn_for
+            kind = kinds[row.authorization_id]
+            warn_for = kind.warn_for
             if isinstance(warn_for, str):  # SQLite hands a CASE of timestamps back as text
                 warn_for = datetime.fromisoformat(warn_for)
             if warn_for is not None and warn_for.tzinfo is None:
                 warn_for = warn_for.replace(tzinfo=UTC)
-            works.append(DueWork(authorization_data(row), now, bool(row.due_refresh), warn_for))
+            works.append(DueWork(authorization_data(row), now, bool(kind.refresh), warn_for))
         return works
 
     async def finish_due_work(self, done: list[DueWorkDone]) -> None:
