@@ -39,8 +39,9 @@ K8S = DEPLOY / "k8s"
 KUBERNETES_VERSION = "1.33"
 INGRESS_PORT = 8080
 WORKER_PORT = 9090
+API_PORT = 8088
 WORKER_TYPES = tuple(CONSUMER_NAMES)
-STORE_WORKERS = ("authcode-created", "token-created", "token-canceled")
+STORE_WORKERS = ("authcode-created", "token-created", "token-canceled", "token-refresh", "revocations")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 
@@ -272,6 +273,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     for name in ("ams-private-key", "ams-alipay-public-key", "aps-private-key", "aps-alipay-public-key"):
         (secrets / f"{name}.pem").write_text(f"stand-in {name}\n")
     (secrets / "merchants.toml").write_text('[merchants.default]\nurl = "https://m.example/h"\n')
+    (secrets / "api-keys.toml").write_text('[keys.billing]\nsha256 = "00"\nscopes = ["tokens:read"]\n')
     return render(copy_root / "overlays" / "production")
 
 
@@ -470,11 +472,14 @@ def test_probes_point_at_readyz_and_healthz_on_the_container_port(base: list[dic
     config = by_kind(base, "ConfigMap")["authnotify-config"]["data"]
     assert int(config["AUTHNOTIFY_HTTP_PORT"]) == INGRESS_PORT
     assert int(config["AUTHNOTIFY_WORKER_HTTP_PORT"]) == WORKER_PORT
+    assert int(config["AUTHNOTIFY_API_PORT"]) == API_PORT
     checked = 0
     for obj, container in authnotify_containers(base):
         if obj["kind"] != "Deployment":
             continue
-        expected_port = WORKER_PORT if worker_name(container) else INGRESS_PORT
+        args = container.get("args", [])
+        expected_port = (WORKER_PORT if worker_name(container) or args == ["scheduler"]
+                         else API_PORT if args == ["api"] else INGRESS_PORT)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert list(ports.values()) == [expected_port]
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"),
@@ -483,7 +488,7 @@ def test_probes_point_at_readyz_and_healthz_on_the_container_port(base: list[dic
             assert get["path"] == path, f"{obj['metadata']['name']} {probe}"
             assert ports.get(get["port"], get["port"]) == expected_port, f"{obj['metadata']['name']} {probe}"
         checked += 1
-    assert checked == 1 + len(WORKER_TYPES)
+    assert checked == 3 + len(WORKER_TYPES)  # the ingress, the scheduler, the api and the workers
 
 
 def test_grace_periods_are_long_enough_to_drain(base: list[dict[str, Any]]) -> None:
@@ -565,14 +570,45 @@ def test_settings_secrets_and_key_files_are_wired(overlay: str, request: pytest.
                 assert value in files, where
 
         args = container.get("args", [])
-        if args == ["ingress"] or worker_name(container):
+        if args in (["ingress"], ["scheduler"], ["api"]) or worker_name(container):
             assert env["AUTHNOTIFY_RABBITMQ_URL"].startswith("amqp")
-        stores = args == ["migrate"] or worker_name(container) in STORE_WORKERS
+        stores = args in (["migrate"], ["scheduler"], ["api"]) or worker_name(container) in STORE_WORKERS
         if stores:
             assert env["AUTHNOTIFY_DATABASE_URL"].startswith("postgresql+asyncpg://"), where
-        # Token keys only where tokens are stored; the ingress and the merchant deliverer never hold them.
-        assert ("AUTHNOTIFY_TOKEN_KEYS" in env) == (worker_name(container) in STORE_WORKERS), where
-        assert ("AUTHNOTIFY_MERCHANTS_FILE" in env) == (worker_name(container) == "merchant-events"), where
+        # Token keys only where tokens are stored or handed out; the ingress, the scheduler and the merchant
+        # deliverer never hold them.
+        assert ("AUTHNOTIFY_TOKEN_KEYS" in env) == (worker_name(container) in STORE_WORKERS or args == ["api"]), where
+        # The registry: merchant-events delivers with it, the ingress answers consultUnbinding from it.
+        assert ("AUTHNOTIFY_MERCHANTS_FILE" in env) == (worker_name(container) == "merchant-events"
+                                                        or args == ["ingress"]), where
+        assert ("AUTHNOTIFY_API_KEYS_FILE" in env) == (args == ["api"]), where
+        if "AUTHNOTIFY_API_KEYS_FILE" in env:
+            assert env["AUTHNOTIFY_API_KEYS_FILE"] in files, where
+
+
+@pytest.mark.parametrize("overlay", ["base", "production"])
+def test_scheduler_and_api_run_as_their_own_deployments_and_the_api_is_never_public(
+        overlay: str, request: pytest.FixtureRequest) -> None:
+    objects = request.getfixturevalue(overlay)
+    deployments = by_kind(objects, "Deployment")
+    scheduler = deployments["authnotify-scheduler"]
+    assert [c["args"] for c in scheduler["spec"]["template"]["spec"]["containers"]] == [["scheduler"]]
+    assert scheduler["spec"]["replicas"] >= 2  # safe with several: they claim work with SKIP LOCKED and a lease
+    api = deployments["authnotify-api"]
+    pod_labels = api["spec"]["template"]["metadata"]["labels"]
+    assert [c["args"] for c in api["spec"]["template"]["spec"]["containers"]] == [["api"]]
+    config = by_kind(objects, "ConfigMap")["authnotify-config"]["data"]
+    assert config["AUTHNOTIFY_API_PORT"] != config["AUTHNOTIFY_HTTP_PORT"]  # never the ingress's listener
+    service = by_kind(objects, "Service")["authnotify-api"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    policy = by_kind(objects, "NetworkPolicy")["authnotify-api"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert all(source for rule in policy["spec"]["ingress"] for source in rule["from"])  # no open rule
+    for service in by_kind(objects, "Service").values():
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+    assert "authnotify-api" not in {ingress["metadata"]["name"] for ingress in by_kind(objects, "Ingress").values()}
 
 
 def test_rabbitmq_cluster_of_three_with_quorum_queues(base: list[dict[str, Any]]) -> None:
@@ -632,7 +668,7 @@ def _seconds(duration: str) -> float:
 
 def test_compose_names_every_process_with_its_command(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    expected = {"ingress": ["ingress"], "migrate": ["migrate"]}
+    expected = {"ingress": ["ingress"], "migrate": ["migrate"], "scheduler": ["scheduler"], "api": ["api"]}
     expected |= {f"worker-{name}": ["worker", name] for name in WORKER_TYPES}
     assert set(services) == set(expected) | {"rabbitmq", "postgres"}
     for name, command in expected.items():
@@ -642,6 +678,9 @@ def test_compose_names_every_process_with_its_command(compose: dict[str, Any]) -
     assert re.fullmatch(r"rabbitmq:3\.1[3-9]-management", services["rabbitmq"]["image"])
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["ingress"]["ports"] == ["${AUTHNOTIFY_PUBLISH_PORT:-8080}:8080"]
+    # The internal API is reachable on the host's loopback only.
+    assert services["api"]["ports"] == [f"127.0.0.1:{API_PORT}:{API_PORT}"]
+    assert "ports" not in services["scheduler"]
 
 
 def test_compose_start_order_health_and_drain(compose: dict[str, Any]) -> None:
@@ -759,7 +798,7 @@ def health_server() -> Iterator[http.server.HTTPServer]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["ingress"], ["worker", "token-created"]])
+@pytest.mark.parametrize("command", [["ingress"], ["worker", "token-created"], ["scheduler"], ["api"]])
 def test_healthcheck_probes_the_port_of_the_process_it_runs_beside(
         command: list[str], health_server: http.server.HTTPServer, tmp_path: Path) -> None:
     """The image's HEALTHCHECK, run for real with /proc/1/cmdline stood in by a file."""
@@ -768,8 +807,9 @@ def test_healthcheck_probes_the_port_of_the_process_it_runs_beside(
                                     *(part.encode() for part in command)]) + b"\0")
     program = healthcheck_program().replace("/proc/1/cmdline", str(cmdline))
     port = str(health_server.server_address[1])
-    is_worker = command[0] == "worker"
+    is_worker = command[0] in ("worker", "scheduler")
     own, other = (("AUTHNOTIFY_WORKER_HTTP_PORT", "AUTHNOTIFY_HTTP_PORT") if is_worker
+                  else ("AUTHNOTIFY_API_PORT", "AUTHNOTIFY_HTTP_PORT") if command == ["api"]
                   else ("AUTHNOTIFY_HTTP_PORT", "AUTHNOTIFY_WORKER_HTTP_PORT"))
 
     def run(env: dict[str, str]) -> int:
