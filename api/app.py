@@ -62,7 +62,7 @@ REFRESH_RETRY_AFTER_SECONDS = "5"
 
 STORE_KEY = web.AppKey("store", AuthorizationStore)
 API_KEY = web.AppKey("api", object)
-REQUEST_KEY_NAME = "api_key"
+REQUEST_KEY_NAME = web.RequestKey("api_key", ApiKey)
 
 
 def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
