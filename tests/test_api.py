@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,12 +25,11 @@ from authnotify.alipay.client import AlipayClient
 from authnotify.api.app import create_api_app
 from authnotify.api.keys import ApiKeys, new_api_key, parse_api_keys
 from authnotify.api.openapi import openapi_document
-from authnotify.config import Settings
 from authnotify.devtools.sandbox.alipay_gateway import RunningAlipayGateway
 from authnotify.domain.authorizations import TokenGrant, access_token_fingerprint
 from authnotify.domain.commands import RefreshRequest, RevokeCommand
 from authnotify.messaging.memory import InMemoryPublisher
-from authnotify.messaging.topology import Consumer, Topology, build_topology, command_routing_key
+from authnotify.messaging.topology import Consumer, QueueType, Topology, command_routing_key
 from authnotify.store.memory import InMemoryStore
 from authnotify.workers.token_refresh import handle_refresh_request
 from tests.fakes import context_for
@@ -56,10 +55,9 @@ def api_keys() -> Keys:
 
 
 @pytest.fixture
-async def api(offline_settings: Callable[..., Settings], api_keys: Keys) -> AsyncIterator[Any]:
-    settings = offline_settings()
+async def api(api_keys: Keys) -> AsyncIterator[Any]:
     store, publisher = InMemoryStore(), InMemoryPublisher()
-    topology = build_topology(settings)
+    topology = Topology(f"t{uuid.uuid4().hex[:8]}", QueueType.CLASSIC, (1.0, 2.0))
     client = TestClient(TestServer(create_api_app(store, publisher, topology, api_keys.file)))
     await client.start_server()
     client.store, client.publisher, client.topology = store, publisher, topology  # type: ignore[attr-defined]
@@ -188,8 +186,10 @@ async def test_access_token_of_an_ended_authorization_is_409(api: Any, api_keys:
 
 
 @pytest.fixture
-async def clients(offline_settings: Callable[..., Settings], gateway: RunningAlipayGateway) -> AsyncIterator[Any]:
-    settings = offline_settings(ams_gateway_url=gateway.url, aps_gateway_url=gateway.url)
+async def clients(keys: Any, tmp_path: Any, gateway: RunningAlipayGateway) -> AsyncIterator[Any]:
+    from tests.conftest import _test_settings
+
+    settings = _test_settings(keys, tmp_path, ams_gateway_url=gateway.url, aps_gateway_url=gateway.url)
     async with aiohttp.ClientSession() as session:
         yield {name: AlipayClient(config, session, timeout=1.0) for name, config in settings.providers().items()}
 

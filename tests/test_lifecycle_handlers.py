@@ -6,8 +6,9 @@ The same handlers through the real runtime, broker and databases: tests/test_lif
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 
 from authnotify.alipay.client import AlipayClient
-from authnotify.config import Settings
+from authnotify.config import ProviderConfig
 from authnotify.devtools.sandbox.alipay_gateway import Outcome, RunningAlipayGateway
 from authnotify.domain.authorizations import Cancellation, TokenGrant, access_token_fingerprint
 from authnotify.domain.commands import RefreshRequest, RevokeCommand
@@ -30,11 +31,19 @@ PROVIDERS = ("ams", "aps")
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
+@pytest.fixture(scope="module")
+def providers(keys: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ProviderConfig]:
+    """Both providers' configuration, made once: loading a private key costs tens of milliseconds."""
+    from tests.conftest import _test_settings
+
+    return _test_settings(keys, tmp_path_factory.mktemp("settings")).providers()
+
+
 @pytest.fixture
-async def clients(offline_settings: Callable[..., Settings], gateway: RunningAlipayGateway) -> AsyncIterator[Any]:
-    settings = offline_settings(ams_gateway_url=gateway.url, aps_gateway_url=gateway.url)
+async def clients(providers: dict[str, ProviderConfig], gateway: RunningAlipayGateway) -> AsyncIterator[Any]:
     async with aiohttp.ClientSession() as session:
-        yield {name: AlipayClient(config, session, timeout=1.0) for name, config in settings.providers().items()}
+        yield {name: AlipayClient(dataclasses.replace(config, gateway_url=gateway.url), session, timeout=1.0)
+               for name, config in providers.items()}
 
 
 async def activate(store: InMemoryStore, provider: str, **fields: Any) -> tuple[str, str, str]:
