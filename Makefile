@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export AUTHNOTIFY_TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AUTHNOTIFY_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/test
 
-.PHONY: dev test test-fast check typecheck bench bench-ingress bench-workers venv clean
+.PHONY: dev test test-fast check typecheck bench bench-ingress bench-workers bench-lifecycle venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,10 @@ bench-ingress: $(STAMP)
 bench-workers: $(STAMP)
 	$(PY) -m tests.bench.workers_bench $(BENCH_ARGS)
 
-bench: bench-ingress bench-workers
+bench-lifecycle: $(STAMP)
+	$(PY) -m tests.bench.lifecycle_bench $(BENCH_ARGS)
+
+bench: bench-ingress bench-workers bench-lifecycle
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
