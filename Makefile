@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export AUTHNOTIFY_TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AUTHNOTIFY_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/test
 
-.PHONY: dev test test-fast check typecheck bench bench-ingress bench-workers bench-slowloris lock venv clean
+.PHONY: dev test test-fast check typecheck bench bench-ingress bench-workers bench-slowloris bench-lifecycle lock venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,10 @@ bench-workers: $(STAMP)
 bench-slowloris: $(STAMP)
 	$(PY) -m tests.bench.slowloris_bench $(BENCH_ARGS)
 
-bench: bench-ingress bench-workers
+bench-lifecycle: $(STAMP)
+	$(PY) -m tests.bench.lifecycle_bench $(BENCH_ARGS)
+
+bench: bench-ingress bench-workers bench-lifecycle
 
 # The image installs exactly these (pip --require-hashes): rerun after changing dependencies in pyproject.toml.
 # Resolved against PyPI alone, whatever index this machine's pip is configured with.

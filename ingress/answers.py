@@ -1,4 +1,5 @@
-"""What the ingress answers Alipay: the result codes (docs/ingress.md) and our signed answer headers.
+"""What the ingress answers Alipay: the result codes of the notify paths (docs/ingress.md) and our signed
+answer headers.
 
 Every answer has the body ``{"result":{"resultCode":..,"resultStatus":..,"resultMessage":..}}``. Answers are
 signed like Alipay signs its requests (Alipay+ requires it for the SUCCESS answer; AMS accepts it). An RSA
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -29,11 +30,12 @@ class Outcome:
     status: Literal["S", "F", "U"]
     http_status: int
     message: str
+    extra: tuple[tuple[str, Any], ...] = ()  # fields beside the result (consultUnbinding's allowUnbinding)
     body: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         result = {"resultCode": self.code, "resultStatus": self.status, "resultMessage": self.message}
-        object.__setattr__(self, "body", orjson.dumps({"result": result}))
+        object.__setattr__(self, "body", orjson.dumps({"result": result, **dict(self.extra)}))
 
 
 # resultMessage texts as Alipay+'s authNotify result code table words them; SUCCESS answers "success".
@@ -61,6 +63,9 @@ REQUEST_TRAFFIC_EXCEED_LIMIT = Outcome(
 )
 # A provider whose client id is not configured has no endpoint: it is off (docs/configuration.md).
 NO_INTERFACE_DEF = Outcome("NO_INTERFACE_DEF", "F", 404, "API is not defined.")
+# Alipay+ consultUnbinding: the SUCCESS answer, saying whether the merchant lets the user unbind.
+ALLOW_UNBINDING = Outcome("SUCCESS", "S", 200, "success", extra=(("allowUnbinding", "true"),))
+REFUSE_UNBINDING = Outcome("SUCCESS", "S", 200, "success", extra=(("allowUnbinding", "false"),))
 
 
 class AnswerSigner:
@@ -69,12 +74,12 @@ class AnswerSigner:
     def __init__(self, client_id: str, private_key: RSAPrivateKey) -> None:
         self._client_id = client_id
         self._private_key = private_key
-        self._cache: dict[tuple[str, str], tuple[int, dict[str, str]]] = {}
+        self._cache: dict[tuple[str, str, tuple[tuple[str, Any], ...]], tuple[int, dict[str, str]]] = {}
 
     def headers(self, path: str, outcome: Outcome) -> dict[str, str]:
         """Client-Id, Response-Time, Signature and Content-Type; callers must not modify the dict."""
         second = int(time.time())
-        key = (path, outcome.code)
+        key = (path, outcome.code, outcome.extra)
         cached = self._cache.get(key)
         if cached is not None and cached[0] == second:
             return cached[1]

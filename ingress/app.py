@@ -1,12 +1,14 @@
-"""The HTTP ingress (Alipay's notify paths): check, publish with confirms, and only then answer SUCCESS.
+"""The HTTP ingress (Alipay's paths): check, publish with confirms, and only then answer SUCCESS.
 
-Every request on a notify path goes through the one check pipeline (:mod:`authnotify.ingress.checks`:
+Every request on an Alipay-facing path goes through the one check pipeline (:mod:`authnotify.ingress.checks`:
 method, content type, size, Client-Id, Request-Time window, body within its time and the memory budget,
-signature); a request that fails a check publishes nothing. An accepted body is published unchanged; its
-``authorizationNotifyType`` only picks the routing key (anything unreadable goes to ``{provider}.unknown``,
-kept in ``{ns}.unrouted``). The answers and their HTTP statuses are in :mod:`authnotify.ingress.answers`.
-This listener serves the notify paths, ``/healthz`` and ``/readyz`` (docs/ingress.md); ``/metrics`` has a listener of its own
-(``AUTHNOTIFY_METRICS_PORT``), so Alipay's side never sees it.
+signature); a request that fails a check publishes nothing. An accepted notification is published unchanged;
+its ``authorizationNotifyType`` only picks the routing key (anything unreadable goes to ``{provider}.unknown``,
+kept in ``{ns}.unrouted``). Alipay+'s ``consultUnbinding`` passes the same checks and is answered from the
+merchant registry, publishing nothing. The answers and their HTTP statuses are in
+:mod:`authnotify.ingress.answers`. This listener serves those paths, ``/healthz`` and ``/readyz``
+(docs/ingress.md); ``/metrics`` has a listener of its own (``AUTHNOTIFY_METRICS_PORT``), so Alipay's side
+never sees it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from authnotify.alipay.notifications import NOTIFY_PATHS
+from authnotify.alipay.notifications import CONSULT_UNBINDING_PATH, NOTIFY_PATHS
 from authnotify.config import PROVIDERS, ProviderConfig, Settings
+from authnotify.domain.authorizations import access_token_fingerprint
+from authnotify.domain.merchants import UnbindingPolicy, unbinding_policy_from_settings
 from authnotify.errors import PublishFailed
 from authnotify.ingress.answers import (
+    ALLOW_UNBINDING,
     NO_INTERFACE_DEF,
+    REFUSE_UNBINDING,
     REQUEST_TRAFFIC_EXCEED_LIMIT,
     SUCCESS,
     UNKNOWN_EXCEPTION,
@@ -41,6 +47,7 @@ from authnotify.observability.metrics import (
     INGRESS_BODY_BYTES_HELD,
     INGRESS_INFLIGHT,
     NOTIFICATIONS_RECEIVED,
+    UNBINDING_CONSULTATIONS,
 )
 
 log = get_logger("authnotify.ingress")
@@ -94,34 +101,36 @@ def _notify_type(body: bytes) -> str | None:
     return notify_type if isinstance(notify_type, str) else None
 
 
-class NotificationEndpoint:
-    """One provider's notify path; ``checks`` is None when the provider is off (no client id)."""
+class SignedEndpoint:
+    """One Alipay-facing path of one provider: every request passes the one check pipeline
+    (:class:`~authnotify.ingress.checks.RequestChecks`), then :meth:`accept` says what a checked body gets.
 
-    def __init__(self, provider: str, path: str, config: ProviderConfig | None, checks: RequestChecks | None,
-                 publisher: Publisher, exchange: str, inflight: InflightLimit) -> None:
+    ``checks`` is None when the provider is off (no client id): every request is answered 404. Subclasses say
+    what a checked body gets and how an answer is counted.
+    """
+
+    log_event = "request"
+
+    def __init__(self, provider: str, path: str, config: ProviderConfig | None, checks: RequestChecks | None) -> None:
         self.provider = provider
         self.path = path
         self._checks = checks
-        self._publisher = publisher
-        self._exchange = exchange
-        self._inflight = inflight
         self._signer = AnswerSigner(config.client_id, config.private_key) if config else None
-        self._received: dict[str, Any] = {}  # resolved metric children: labels() costs a lock per call
         # A concrete logger: the lazy proxy get_logger returns rebuilds one on every call (~70 µs).
         self._log = log.bind()
 
-    def _answer(self, outcome: Outcome, message_id: str, reason: str | None = None,
-                routing_key: str | None = None, close_connection: bool = False) -> web.Response:
-        counter = self._received.get(outcome.code)
-        if counter is None:
-            counter = self._received[outcome.code] = NOTIFICATIONS_RECEIVED.labels(self.provider, outcome.code)
-        counter.inc()
-        if outcome is SUCCESS:
-            self._log.info("notification", message_id=message_id, provider=self.provider,
-                           outcome=outcome.code, routing_key=routing_key)
+    def count(self, outcome: Outcome) -> None:
+        """Counts one answer (a metric per subclass)."""
+
+    def _answer(self, outcome: Outcome, message_id: str, reason: str | None = None, *,
+                close_connection: bool = False, **fields: Any) -> web.Response:
+        self.count(outcome)
+        if outcome.status == "S":
+            self._log.info(self.log_event, message_id=message_id, provider=self.provider, outcome=outcome.code,
+                           **fields)
         else:
-            self._log.warning("notification", message_id=message_id, provider=self.provider,
-                              outcome=outcome.code, http_status=outcome.http_status, reason=reason)
+            self._log.warning(self.log_event, message_id=message_id, provider=self.provider, outcome=outcome.code,
+                              http_status=outcome.http_status, reason=reason, **fields)
         headers = self._signer.headers(self.path, outcome) if self._signer else UNSIGNED_HEADERS
         response = web.Response(body=outcome.body, status=outcome.http_status, headers=headers)
         if close_connection:  # an unread or cut-off body: the connection cannot carry another request
@@ -132,18 +141,40 @@ class NotificationEndpoint:
         # Every request gets the id its message would carry, so each log line names one.
         message_id = new_message_id()
         try:
-            return await self._check_and_publish(request, message_id)
+            if self._checks is None:
+                return self._answer(NO_INTERFACE_DEF, message_id, "provider not configured")
+            checked = await self._checks.verify(request)
+            return await self.accept(checked.body, message_id)
         except Refused as refused:
             return self._answer(refused.outcome, message_id, refused.reason, close_connection=refused.close_connection)
         except Exception as exc:  # a bug or a dropped client: answer U (Alipay retries), never a bare 500
             return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}",
                                 close_connection=True)
 
-    async def _check_and_publish(self, request: web.Request, message_id: str) -> web.Response:
-        if self._checks is None:
-            return self._answer(NO_INTERFACE_DEF, message_id, "provider not configured")
-        body = (await self._checks.verify(request)).body
+    async def accept(self, body: bytes, message_id: str) -> web.Response:
+        raise NotImplementedError
 
+
+class NotificationEndpoint(SignedEndpoint):
+    """A notify path: a checked notification is published with confirms, and only then answered SUCCESS."""
+
+    log_event = "notification"
+
+    def __init__(self, provider: str, path: str, config: ProviderConfig | None, checks: RequestChecks | None,
+                 publisher: Publisher, exchange: str, inflight: InflightLimit) -> None:
+        super().__init__(provider, path, config, checks)
+        self._publisher = publisher
+        self._exchange = exchange
+        self._inflight = inflight
+        self._received: dict[str, Any] = {}  # resolved metric children: labels() costs a lock per call
+
+    def count(self, outcome: Outcome) -> None:
+        counter = self._received.get(outcome.code)
+        if counter is None:
+            counter = self._received[outcome.code] = NOTIFICATIONS_RECEIVED.labels(self.provider, outcome.code)
+        counter.inc()
+
+    async def accept(self, body: bytes, message_id: str) -> web.Response:
         routing_key = notification_routing_key(self.provider, _notify_type(body))
         if not self._inflight.try_acquire():
             return self._answer(REQUEST_TRAFFIC_EXCEED_LIMIT, message_id, "publishes in flight at the limit")
@@ -158,14 +189,61 @@ class NotificationEndpoint:
         return self._answer(SUCCESS, message_id, routing_key=routing_key)
 
 
-def create_app(settings: Settings, *, broker: Broker | None = None,
-               publisher: Publisher | None = None, body_budget: BodyBudget | None = None) -> web.Application:
+def _consulted_ids(body: bytes) -> dict[str, str | None]:
+    """What a consultUnbinding body says of the merchant (and the token, as a fingerprint); unreadable: nothing."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(document, dict):
+        return {}
+
+    def text(name: str) -> str | None:
+        value = document.get(name)
+        return value if isinstance(value, str) and value else None
+
+    token = text("accessToken")
+    return {"referenceMerchantId": text("referenceMerchantId"), "authClientId": text("authClientId"),
+            "fingerprint": access_token_fingerprint(token) if token else None}
+
+
+class UnbindingConsultation(SignedEndpoint):
+    """Alipay+ ``consultUnbinding``: checked like a notification, answered at once from the merchant registry's
+    ``allow_unbinding`` flags (matched by referenceMerchantId, then authClientId, then the default). Nothing is
+    published and no database is asked; a body that cannot be read is answered by the default."""
+
+    log_event = "unbinding_consultation"
+
+    def __init__(self, provider: str, path: str, config: ProviderConfig | None, checks: RequestChecks | None,
+                 policy: UnbindingPolicy) -> None:
+        super().__init__(provider, path, config, checks)
+        self._policy = policy
+
+    def count(self, outcome: Outcome) -> None:
+        label = outcome.code
+        if outcome in (ALLOW_UNBINDING, REFUSE_UNBINDING):
+            label = "allowed" if outcome is ALLOW_UNBINDING else "refused"
+        UNBINDING_CONSULTATIONS.labels(label).inc()
+
+    async def accept(self, body: bytes, message_id: str) -> web.Response:
+        ids = _consulted_ids(body)
+        allowed = self._policy.allows(ids.get("referenceMerchantId"), ids.get("authClientId"))
+        return self._answer(ALLOW_UNBINDING if allowed else REFUSE_UNBINDING, message_id,
+                            reference_merchant_id=ids.get("referenceMerchantId"), auth_client_id=ids.get("authClientId"),
+                            fingerprint=ids.get("fingerprint"), allow_unbinding=allowed)
+
+
+def create_app(settings: Settings, *, broker: Broker | None = None, publisher: Publisher | None = None,
+               body_budget: BodyBudget | None = None,
+               unbinding_policy: UnbindingPolicy | None = None) -> web.Application:
     """The ingress application.
 
     By default it opens its own broker connection and confirmed publisher, and closes them on cleanup.
     Pass ``broker`` to share a connection (it is then not closed here), or ``publisher`` to publish through
-    another (an in-memory one in tests).
+    another (an in-memory one in tests). ``consultUnbinding`` is answered from ``unbinding_policy``, by
+    default the merchant registry's (read once, here: a bad registry stops the start).
     """
+    policy = unbinding_policy if unbinding_policy is not None else unbinding_policy_from_settings(settings)
     topology = build_topology(settings)
     owned: ConfirmedPublisher | None = None
     owned_broker: Broker | None = None
@@ -180,16 +258,23 @@ def create_app(settings: Settings, *, broker: Broker | None = None,
     app[PUBLISHER_KEY] = publisher
     app[INFLIGHT_KEY] = inflight
     app[BODY_BUDGET_KEY] = budget
+
+    def checks_for(path: str, config: ProviderConfig | None) -> RequestChecks | None:
+        return None if config is None else RequestChecks(
+            path, config, budget, body_timeout=settings.ingress_body_timeout,
+            request_time_tolerance=settings.request_time_tolerance)
+
+    # Every method reaches the endpoints so a wrong one gets our 405 body, not aiohttp's.
     for provider in PROVIDERS:
         path = NOTIFY_PATHS[provider]
         config = settings.provider(provider)
-        checks = None if config is None else RequestChecks(
-            path, config, budget, body_timeout=settings.ingress_body_timeout,
-            request_time_tolerance=settings.request_time_tolerance)
-        # Every method reaches the endpoint so a wrong one gets our 405 body, not aiohttp's.
-        endpoint = NotificationEndpoint(provider, path, config, checks, publisher,
+        endpoint = NotificationEndpoint(provider, path, config, checks_for(path, config), publisher,
                                         topology.notifications_exchange, inflight)
         app.router.add_route("*", path, endpoint.handle)
+    aps = settings.provider("aps")
+    consultation = UnbindingConsultation("aps", CONSULT_UNBINDING_PATH, aps,
+                                         checks_for(CONSULT_UNBINDING_PATH, aps), policy)
+    app.router.add_route("*", CONSULT_UNBINDING_PATH, consultation.handle)
     ready_publisher = publisher
     add_health_routes(app, lambda: ready_publisher.ready, not_ready="broker unavailable")
 

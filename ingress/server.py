@@ -8,9 +8,7 @@ by its confirm timeout), and only then the broker channel and connection close. 
 from __future__ import annotations
 
 import gc
-import os
 import resource
-import socket
 
 from aiohttp import web
 
@@ -19,13 +17,14 @@ from authnotify.config import Need, Settings, check_needs
 from authnotify.errors import EXIT_OK, CommandError
 from authnotify.ingress.app import INFLIGHT_KEY, create_app
 from authnotify.messaging.health import HealthServer
-from authnotify.messaging.lifecycle import Lifecycle
+from authnotify.messaging.lifecycle import Lifecycle, listen
 from authnotify.observability.logging import get_logger
 
 log = get_logger("authnotify.ingress")
 
-# What the ingress reads of the configuration: no database, no token keys, no merchant registry.
-INGRESS_NEEDS = frozenset({Need.BROKER, Need.ALIPAY_KEYS})
+# What the ingress reads of the configuration: no database, no token keys; of the merchant registry only the
+# allow_unbinding flags (consultUnbinding), where one is configured.
+INGRESS_NEEDS = frozenset({Need.BROKER, Need.ALIPAY_KEYS, Need.UNBINDING_FLAGS})
 
 # In-flight publishes give up after their confirm timeout, so a drain never needs longer than this.
 DRAIN_TIMEOUT_SECONDS = 10.0
@@ -36,16 +35,6 @@ KEEPALIVE_TIMEOUT_SECONDS = 75.0
 # After answering a request whose body was not read (too big, too slow), aiohttp reads and discards the rest
 # for this long before closing, so the client sees the answer; its default, 10 s, keeps slow clients around.
 LINGERING_SECONDS = 1.0
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """Binds now, so a port in use fails with one line before anything else starts."""
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    try:
-        return socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
-    except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        raise CommandError(f"authnotify: cannot listen on {host}:{port} ({reason})") from None
 
 
 def raise_open_file_limit() -> int:
@@ -70,7 +59,7 @@ async def run_ingress(settings: Settings) -> int:
     check_needs(settings, INGRESS_NEEDS)
     enabled = settings.configured_providers()
     open_files = raise_open_file_limit()
-    listener = listen(settings.http_host, settings.http_port)
+    listener = listen(settings.http_host, settings.http_port, backlog=LISTEN_BACKLOG)
     app = create_app(settings)
     runner = ingress_runner(app)
     async with Lifecycle() as lifecycle:

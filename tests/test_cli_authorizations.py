@@ -20,7 +20,7 @@ from authnotify.store import SqlStore as Store
 pytestmark = pytest.mark.slow  # every test here runs the authnotify command as a process
 
 DATA_KEYS = [
-    "provider", "status", "accessTokenFingerprint", "authClientId", "referenceMerchantId",
+    "authorizationId", "provider", "status", "accessTokenFingerprint", "authClientId", "referenceMerchantId",
     "referenceAgreementId", "customerId", "userLoginId", "authState", "scopes", "accessTokenExpiryTime",
     "refreshTokenExpiryTime", "canceledAt", "tokenCancelSource", "reason",
 ]
@@ -114,6 +114,7 @@ async def test_list_json_prints_data_objects_and_filters(filled: Filled, tmp_pat
         assert list(item) == DATA_KEYS
     by_fingerprint = {item["accessTokenFingerprint"]: item for item in items}
     assert by_fingerprint[filled.active_aps] == {
+        "authorizationId": by_fingerprint[filled.active_aps]["authorizationId"],
         "provider": "aps", "status": "active", "accessTokenFingerprint": filled.active_aps,
         "authClientId": "CLIENT-1", "referenceMerchantId": "MERCHANT-1", "referenceAgreementId": filled.agreement,
         "customerId": "cust-1", "userLoginId": "u***@example.com", "authState": "state-1",
@@ -175,3 +176,54 @@ async def test_unreachable_database_is_one_line_and_nonzero(tmp_path: Path) -> N
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr and "hunter2secret" not in result.stderr
+
+
+async def test_expired_and_expiring_authorizations_and_any_key_of_one(database_url: str, token_keys: TokenKeys,
+                                                                       tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    now = datetime.now(UTC)
+    store = await Store.connect(database_url, token_keys)
+    try:
+        soon = await store.record_tokens(TokenGrant(provider="aps", access_token=f"AT-{uuid.uuid4().hex}",
+                                                    refresh_token=f"RT-{uuid.uuid4().hex}",
+                                                    refresh_token_expiry_time=now + timedelta(hours=20)))
+        await store.record_tokens(TokenGrant(provider="aps", access_token=f"AT-{uuid.uuid4().hex}",
+                                             refresh_token_expiry_time=now + timedelta(days=100)))
+        ended = await store.record_tokens(TokenGrant(provider="ams", access_token=f"AT-{uuid.uuid4().hex}"))
+        await store.record_expiry(ended.authorization.authorizationId or "", "the refresh token expired")
+    finally:
+        await store.close()
+    filled = Filled(database_url, [], "", "", "", "")
+    expired, expiring, by_id, bad_duration = await _many(
+        filled, tmp_path, ("list", "--json", "--status", "expired"), ("list", "--json", "--expiring-within", "1d"),
+        ("show", ended.authorization.authorizationId or "", "--json"), ("list", "--expiring-within", "soon"))
+
+    assert [i["authorizationId"] for i in json.loads(expired.stdout)] == [ended.authorization.authorizationId]
+    assert json.loads(expired.stdout)[0]["reason"] == "the refresh token expired"
+    assert [i["authorizationId"] for i in json.loads(expiring.stdout)] == [soon.authorization.authorizationId]
+    assert json.loads(by_id.stdout)["status"] == "expired"
+    assert bad_duration.code == 2 and len(bad_duration.stderr.strip().splitlines()) == 1
+
+
+async def test_api_keys_create_prints_the_key_once_and_an_entry_that_loads(tmp_path: Path) -> None:
+    from authnotify.api.keys import parse_api_keys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authnotify", "api-keys", "create", "billing", "--scope", "tokens:read",
+        "--scope", "authorizations:read", cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    key, *entry = out.decode().splitlines()
+    keys = parse_api_keys("\n".join(entry))
+    found = keys.find(key)
+    assert found is not None and found.name == "billing"
+    assert found.scopes == {"tokens:read", "authorizations:read"}
+    assert key not in "\n".join(entry)  # only its hash goes into the file
+
+    bad = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authnotify", "api-keys", "create", "billing", "--scope", "everything",
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(bad.communicate(), timeout=60)
+    assert bad.returncode == 2 and out == b"" and len(err.decode().strip().splitlines()) == 1

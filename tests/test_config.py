@@ -120,8 +120,10 @@ def test_a_client_id_without_its_keys_names_the_missing_key(environment: pytest.
 
 def test_each_process_demands_only_what_it_uses(environment: pytest.MonkeyPatch) -> None:
     """Issue 6: the merchant deliverer's pod had our RSA keys because a client id demanded them everywhere."""
-    from authnotify.cli.main import COMMAND_NEEDS
+    from authnotify.api.server import API_NEEDS
+    from authnotify.cli.main import COMMAND_NEEDS, build_parser, command_needs
     from authnotify.ingress.server import INGRESS_NEEDS
+    from authnotify.scheduler.process import SCHEDULER_NEEDS
     from authnotify.workers.registry import needs_of
 
     # Client ids set (a shared ConfigMap sets them for every pod), key files not mounted, no token keys.
@@ -131,17 +133,43 @@ def test_each_process_demands_only_what_it_uses(environment: pytest.MonkeyPatch)
     environment.setenv("AUTHNOTIFY_MERCHANTS_FILE", "/run/secrets/merchants.toml")
     settings = load_settings()
     check_needs(settings, needs_of(["merchant-events"]))
-    for command in ("topology", "dlq", "migrate", "authorizations"):
+    for command in ("topology", "dlq", "migrate", "authorizations", "authorizations revoke"):
         check_needs(settings, COMMAND_NEEDS[command])
+    check_needs(settings, SCHEDULER_NEEDS)  # publishes commands and warnings: never a key of any kind
 
     with pytest.raises(ConfigError, match="^AUTHNOTIFY_AMS_PRIVATE_KEY: cannot read key file"):
         check_needs(settings, INGRESS_NEEDS)
-    with pytest.raises(ConfigError, match="^AUTHNOTIFY_TOKEN_KEYS"):
-        check_needs(settings, needs_of(["token-created"]))
+    for worker in ("token-created", "token-refresh", "revocations"):
+        with pytest.raises(ConfigError, match="^AUTHNOTIFY_TOKEN_KEYS"):
+            check_needs(settings, needs_of([worker]))
     with pytest.raises(ConfigError, match="^AUTHNOTIFY_TOKEN_KEYS"):
         check_needs(settings, COMMAND_NEEDS["reencrypt-tokens"])
+    with pytest.raises(ConfigError, match="^AUTHNOTIFY_TOKEN_KEYS"):
+        check_needs(settings, API_NEEDS)
+
+    # With token keys: the api wants its keys file, never the RSA keys (on-demand refreshes are queued for
+    # token-refresh); token-refresh and revocations call Alipay, so they want the RSA keys.
+    environment.setenv("AUTHNOTIFY_TOKEN_KEYS", Fernet.generate_key().decode())
+    settings = load_settings()
+    with pytest.raises(ConfigError, match="^AUTHNOTIFY_API_KEYS_FILE: required by the api"):
+        check_needs(settings, API_NEEDS)
+    environment.setenv("AUTHNOTIFY_API_KEYS_FILE", "/run/secrets/api-keys.toml")
+    check_needs(load_settings(), API_NEEDS)
+    for worker in ("token-refresh", "revocations"):
+        with pytest.raises(ConfigError, match="^AUTHNOTIFY_AMS_PRIVATE_KEY: cannot read key file"):
+            check_needs(settings, needs_of([worker]))
+
     assert needs_of(["merchant-events"]) == {Need.BROKER, Need.MERCHANTS_FILE}
     assert Need.DATABASE not in INGRESS_NEEDS and Need.TOKEN_KEYS not in INGRESS_NEEDS
+    assert SCHEDULER_NEEDS == {Need.BROKER, Need.DATABASE}
+    assert API_NEEDS == {Need.BROKER, Need.DATABASE, Need.TOKEN_KEYS, Need.API_KEYS_FILE}
+    for worker in ("token-refresh", "revocations"):
+        assert needs_of([worker]) == {Need.BROKER, Need.DATABASE, Need.TOKEN_KEYS, Need.ALIPAY_KEYS,
+                                      Need.AMS_CUSTOMER_BELONGS_TO}, worker
+    # A subcommand with needs of its own: revoke publishes; list and show only read the database.
+    parser = build_parser()
+    assert command_needs(parser.parse_args(["authorizations", "revoke", "auth_x"])) == {Need.DATABASE, Need.BROKER}
+    assert command_needs(parser.parse_args(["authorizations", "list"])) == {Need.DATABASE}
 
 
 def test_the_ingress_needs_a_provider_and_authcode_created_needs_customer_belongs_to(
@@ -164,7 +192,7 @@ def test_the_ingress_needs_a_provider_and_authcode_created_needs_customer_belong
 def test_retry_delays_per_consumer_then_the_shared_variable_then_each_default(environment: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.retry_delays_for("merchant-events") == (5, 300, 1800, 7200, 18000, 36000, 36000)
-    for name in ("authcode-created", "token-created", "token-canceled"):
+    for name in ("authcode-created", "token-created", "token-canceled", "token-refresh", "revocations"):
         assert settings.retry_delays_for(name) == (10, 60, 300, 1800, 7200)
 
     environment.setenv("AUTHNOTIFY_RETRY_DELAYS", "1s,2s")
@@ -176,6 +204,21 @@ def test_retry_delays_per_consumer_then_the_shared_variable_then_each_default(en
     topology = build_topology(settings)
     assert [step.queue.rsplit(".", 1)[1] for step in topology.retry_steps("token-canceled")] == ["3s"]
     assert topology.max_attempts("token-canceled") == 2 and topology.max_attempts("merchant-events") == 3
+
+    # The lifecycle consumers have their own variables too, and their own retry queues.
+    environment.setenv("AUTHNOTIFY_RETRY_DELAYS_TOKEN_REFRESH", "30s,5m")
+    environment.setenv("AUTHNOTIFY_RETRY_DELAYS_REVOCATIONS", "4s")
+    settings = load_settings()
+    assert settings.retry_delays_for("token-refresh") == (30, 300)
+    assert settings.retry_delays_for("revocations") == (4,)
+    topology = build_topology(settings)
+    assert [step.queue for step in topology.retry_steps("token-refresh")] == [
+        "authnotify.token-refresh.retry.30s", "authnotify.token-refresh.retry.5m"]
+    assert [step.queue for step in topology.retry_steps("revocations")] == ["authnotify.revocations.retry.4s"]
+    assert topology.max_attempts("token-refresh") == 3 and topology.max_attempts("revocations") == 2
+    declared = topology.all_queue_names()
+    assert "authnotify.token-refresh.retry.5m" in declared and "authnotify.revocations.retry.4s" in declared
+    assert "authnotify.revocations.retry.1s" not in declared  # the shared delays are not theirs
 
 
 def test_every_consumer_has_its_own_retry_delays_variable() -> None:

@@ -40,9 +40,14 @@ KUBERNETES_VERSION = "1.33"
 INGRESS_PORT = 8080
 WORKER_PORT = 9090
 METRICS_PORT = 9091
+API_PORT = 8088
 WORKER_TYPES = tuple(CONSUMER_NAMES)
-STORE_WORKERS = ("authcode-created", "token-created", "token-canceled")
-BROKER_ROLES = ("ingress", "authcode-created", "token-created", "token-canceled", "merchant-events", "operator")
+STORE_WORKERS = ("authcode-created", "token-created", "token-canceled", "token-refresh", "revocations")
+# The workers that call Alipay's gateway (applyToken, revoke, cancelToken).
+ALIPAY_WORKERS = ("authcode-created", "token-refresh", "revocations")
+# Processes that publish lifecycle commands and events but consume no queue.
+PUBLISHERS = ("scheduler", "api")
+BROKER_ROLES = ("ingress", *WORKER_TYPES, *PUBLISHERS, "operator")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 
@@ -284,6 +289,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     for name in ("ams-private-key", "ams-alipay-public-key", "aps-private-key", "aps-alipay-public-key"):
         (secrets / f"{name}.pem").write_text(f"stand-in {name}\n")
     (secrets / "merchants.toml").write_text('[merchants.default]\nurl = "https://m.example/h"\n')
+    (secrets / "api-keys.toml").write_text('[keys.billing]\nsha256 = "00"\nscopes = ["tokens:read"]\n')
     return render(copy_root / "overlays" / "production")
 
 
@@ -532,23 +538,28 @@ def test_probes_point_at_readyz_and_healthz_on_the_container_port(base: list[dic
     config = by_kind(base, "ConfigMap")["authnotify-config"]["data"]
     assert int(config["AUTHNOTIFY_HTTP_PORT"]) == INGRESS_PORT
     assert int(config["AUTHNOTIFY_WORKER_HTTP_PORT"]) == WORKER_PORT
+    assert int(config["AUTHNOTIFY_API_PORT"]) == API_PORT
     checked = 0
     for obj, container in authnotify_containers(base):
         if obj["kind"] != "Deployment":
             continue
-        expected_port = WORKER_PORT if worker_name(container) else INGRESS_PORT
+        args = container.get("args", [])
+        expected_port = (WORKER_PORT if worker_name(container) or args == ["scheduler"]
+                         else API_PORT if args == ["api"] else INGRESS_PORT)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        # The ingress's /metrics has a port of its own (AUTHNOTIFY_METRICS_PORT), never the one Alipay reaches.
-        assert list(ports.values()) == ([expected_port] if worker_name(container) else [expected_port, METRICS_PORT])
+        # The ingress's /metrics has a port of its own (AUTHNOTIFY_METRICS_PORT), never the one Alipay reaches;
+        # the workers and the scheduler serve it beside their health, the internal api on its own port.
+        ingress = args == ["ingress"]
+        assert list(ports.values()) == ([expected_port, METRICS_PORT] if ingress else [expected_port])
         scraped = obj["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
-        assert int(scraped) == (WORKER_PORT if worker_name(container) else METRICS_PORT)
+        assert int(scraped) == (METRICS_PORT if ingress else expected_port)
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"),
                             ("startupProbe", "/healthz")):
             get = container[probe]["httpGet"]
             assert get["path"] == path, f"{obj['metadata']['name']} {probe}"
             assert ports.get(get["port"], get["port"]) == expected_port, f"{obj['metadata']['name']} {probe}"
         checked += 1
-    assert checked == 1 + len(WORKER_TYPES)
+    assert checked == 3 + len(WORKER_TYPES)  # the ingress, the scheduler, the api and the workers
 
 
 def test_grace_periods_are_long_enough_to_drain(base: list[dict[str, Any]]) -> None:
@@ -632,15 +643,46 @@ def test_settings_secrets_and_key_files_are_wired(overlay: str, request: pytest.
                 assert value in files, where
 
         args = container.get("args", [])
-        if args in (["ingress"], ["topology"]) or worker_name(container):
+        if args in (["ingress"], ["topology"], ["scheduler"], ["api"]) or worker_name(container):
             scheme = "amqps://" if overlay == "production" else "amqp://"
             assert env["AUTHNOTIFY_RABBITMQ_URL"].startswith(scheme), where
-        stores = args == ["migrate"] or worker_name(container) in STORE_WORKERS
+        stores = args in (["migrate"], ["scheduler"], ["api"]) or worker_name(container) in STORE_WORKERS
         if stores:
             assert env["AUTHNOTIFY_DATABASE_URL"].startswith("postgresql+asyncpg://"), where
-        # Token keys only where tokens are stored; the ingress and the merchant deliverer never hold them.
-        assert ("AUTHNOTIFY_TOKEN_KEYS" in env) == (worker_name(container) in STORE_WORKERS), where
-        assert ("AUTHNOTIFY_MERCHANTS_FILE" in env) == (worker_name(container) == "merchant-events"), where
+        # Token keys only where tokens are stored or handed out; the ingress, the scheduler and the merchant
+        # deliverer never hold them.
+        assert ("AUTHNOTIFY_TOKEN_KEYS" in env) == (worker_name(container) in STORE_WORKERS or args == ["api"]), where
+        # The registry: merchant-events delivers with it, the ingress answers consultUnbinding from it.
+        assert ("AUTHNOTIFY_MERCHANTS_FILE" in env) == (worker_name(container) == "merchant-events"
+                                                        or args == ["ingress"]), where
+        assert ("AUTHNOTIFY_API_KEYS_FILE" in env) == (args == ["api"]), where
+        if "AUTHNOTIFY_API_KEYS_FILE" in env:
+            assert env["AUTHNOTIFY_API_KEYS_FILE"] in files, where
+
+
+@pytest.mark.parametrize("overlay", ["base", "production"])
+def test_scheduler_and_api_run_as_their_own_deployments_and_the_api_is_never_public(
+        overlay: str, request: pytest.FixtureRequest) -> None:
+    objects = request.getfixturevalue(overlay)
+    deployments = by_kind(objects, "Deployment")
+    scheduler = deployments["authnotify-scheduler"]
+    assert [c["args"] for c in scheduler["spec"]["template"]["spec"]["containers"]] == [["scheduler"]]
+    assert scheduler["spec"]["replicas"] >= 2  # safe with several: they claim work with SKIP LOCKED and a lease
+    api = deployments["authnotify-api"]
+    pod_labels = api["spec"]["template"]["metadata"]["labels"]
+    assert [c["args"] for c in api["spec"]["template"]["spec"]["containers"]] == [["api"]]
+    config = by_kind(objects, "ConfigMap")["authnotify-config"]["data"]
+    assert config["AUTHNOTIFY_API_PORT"] != config["AUTHNOTIFY_HTTP_PORT"]  # never the ingress's listener
+    service = by_kind(objects, "Service")["authnotify-api"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    policy = by_kind(objects, "NetworkPolicy")["authnotify-api"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert all(source for rule in policy["spec"]["ingress"] for source in rule["from"])  # no open rule
+    for service in by_kind(objects, "Service").values():
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+    assert "authnotify-api" not in {ingress["metadata"]["name"] for ingress in by_kind(objects, "Ingress").values()}
 
 
 def _secrets_used(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
@@ -654,12 +696,18 @@ def _secrets_used(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
 
 
 def _process_needs(args: list[str]) -> frozenset[Any]:
+    from authnotify.api.server import API_NEEDS
     from authnotify.cli.main import COMMAND_NEEDS
     from authnotify.ingress.server import INGRESS_NEEDS
+    from authnotify.scheduler.process import SCHEDULER_NEEDS
     from authnotify.workers.registry import needs_of
 
     if args == ["ingress"]:
         return INGRESS_NEEDS
+    if args == ["scheduler"]:
+        return SCHEDULER_NEEDS
+    if args == ["api"]:
+        return API_NEEDS
     if args[0] == "worker":
         return needs_of(args[1:])
     return COMMAND_NEEDS[args[0]]
@@ -672,7 +720,8 @@ def test_each_workload_mounts_only_the_secrets_its_process_needs(overlay: str, r
     from authnotify.config import Need
 
     secret_of_need = {Need.DATABASE: {"authnotify-app"}, Need.TOKEN_KEYS: {"authnotify-app"},
-                      Need.ALIPAY_KEYS: {"authnotify-keys"}, Need.MERCHANTS_FILE: {"authnotify-merchants"}}
+                      Need.ALIPAY_KEYS: {"authnotify-keys"}, Need.MERCHANTS_FILE: {"authnotify-merchants"},
+                      Need.UNBINDING_FLAGS: {"authnotify-merchants"}, Need.API_KEYS_FILE: {"authnotify-api-keys"}}
     objects = request.getfixturevalue(overlay)
     for obj, container in authnotify_containers(objects):
         pod = pod_spec(obj)
@@ -687,6 +736,11 @@ def test_each_workload_mounts_only_the_secrets_its_process_needs(overlay: str, r
         assert used <= allowed, f"{obj['metadata']['name']} uses {sorted(used - allowed)}"
         if Need.ALIPAY_KEYS in needs:
             assert "authnotify-keys" in used, obj["metadata"]["name"]
+        if Need.API_KEYS_FILE in needs:
+            assert "authnotify-api-keys" in used, obj["metadata"]["name"]
+    # Every process is covered: the ingress, each worker, the scheduler, the api, the Jobs.
+    commands = {tuple(c.get("command", []) + c.get("args", [])) for _, c in authnotify_containers(objects)}
+    assert commands >= {("ingress",), ("scheduler",), ("api",), *(("worker", w) for w in WORKER_TYPES)}
 
 
 def test_rabbitmq_cluster_of_three_with_quorum_queues(base: list[dict[str, Any]]) -> None:
@@ -747,7 +801,7 @@ def _seconds(duration: str) -> float:
 
 def test_compose_names_every_process_with_its_command(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    expected = {"ingress": ["ingress"], "migrate": ["migrate"]}
+    expected = {"ingress": ["ingress"], "migrate": ["migrate"], "scheduler": ["scheduler"], "api": ["api"]}
     expected |= {f"worker-{name}": ["worker", name] for name in WORKER_TYPES}
     assert set(services) == set(expected) | {"rabbitmq", "postgres"}
     for name, command in expected.items():
@@ -757,6 +811,9 @@ def test_compose_names_every_process_with_its_command(compose: dict[str, Any]) -
     assert re.fullmatch(r"rabbitmq:3\.1[3-9]-management@sha256:[0-9a-f]{64}", services["rabbitmq"]["image"])
     assert re.fullmatch(r"postgres:16@sha256:[0-9a-f]{64}", services["postgres"]["image"])
     assert services["ingress"]["ports"] == ["${AUTHNOTIFY_PUBLISH_PORT:-8080}:8080"]
+    # The internal API is reachable on the host's loopback only.
+    assert services["api"]["ports"] == [f"127.0.0.1:{API_PORT}:{API_PORT}"]
+    assert "ports" not in services["scheduler"]
 
 
 def test_compose_start_order_health_and_drain(compose: dict[str, Any]) -> None:
@@ -812,10 +869,12 @@ def test_compose_gives_each_container_only_what_its_process_needs(compose: dict[
     variables_of_need = {
         Need.BROKER: {"AUTHNOTIFY_RABBITMQ_URL"}, Need.DATABASE: {"AUTHNOTIFY_DATABASE_URL"},
         Need.TOKEN_KEYS: {"AUTHNOTIFY_TOKEN_KEYS"}, Need.MERCHANTS_FILE: {"AUTHNOTIFY_MERCHANTS_FILE"},
+        Need.UNBINDING_FLAGS: {"AUTHNOTIFY_MERCHANTS_FILE"}, Need.API_KEYS_FILE: {"AUTHNOTIFY_API_KEYS_FILE"},
         Need.ALIPAY_KEYS: {f"AUTHNOTIFY_{p}_{k}" for p in ("AMS", "APS") for k in ("PRIVATE_KEY", "ALIPAY_PUBLIC_KEY")},
     }
     secret_files = {Need.ALIPAY_KEYS: {"ams_private_key", "ams_alipay_public_key", "aps_private_key",
-                                       "aps_alipay_public_key"}, Need.MERCHANTS_FILE: {"merchants"}}
+                                       "aps_alipay_public_key"}, Need.MERCHANTS_FILE: {"merchants"},
+                    Need.UNBINDING_FLAGS: {"merchants"}, Need.API_KEYS_FILE: {"api_keys"}}
     secret_variables = set().union(*variables_of_need.values())
     for name, service in compose["services"].items():
         if name in ("rabbitmq", "postgres"):
@@ -898,7 +957,7 @@ def health_server() -> Iterator[http.server.HTTPServer]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["ingress"], ["worker", "token-created"]])
+@pytest.mark.parametrize("command", [["ingress"], ["worker", "token-created"], ["scheduler"], ["api"]])
 def test_healthcheck_probes_the_port_of_the_process_it_runs_beside(
         command: list[str], health_server: http.server.HTTPServer, tmp_path: Path) -> None:
     """The image's HEALTHCHECK, run for real with /proc/1/cmdline stood in by a file."""
@@ -907,8 +966,9 @@ def test_healthcheck_probes_the_port_of_the_process_it_runs_beside(
                                     *(part.encode() for part in command)]) + b"\0")
     program = healthcheck_program().replace("/proc/1/cmdline", str(cmdline))
     port = str(health_server.server_address[1])
-    is_worker = command[0] == "worker"
+    is_worker = command[0] in ("worker", "scheduler")
     own, other = (("AUTHNOTIFY_WORKER_HTTP_PORT", "AUTHNOTIFY_HTTP_PORT") if is_worker
+                  else ("AUTHNOTIFY_API_PORT", "AUTHNOTIFY_HTTP_PORT") if command == ["api"]
                   else ("AUTHNOTIFY_HTTP_PORT", "AUTHNOTIFY_WORKER_HTTP_PORT"))
 
     def run(env: dict[str, str]) -> int:
@@ -993,12 +1053,26 @@ def test_network_policies_deny_by_default_and_open_only_what_each_workload_uses(
             "worker-authcode-created": {rabbit, internet} | database,
             "worker-token-created": {rabbit} | database,
             "worker-token-canceled": {rabbit} | database,
+            "worker-token-refresh": {rabbit, internet} | database,
+            "worker-revocations": {rabbit, internet} | database,
             "worker-merchant-events": {rabbit, internet},
+            "scheduler": {rabbit} | database,
+            "api": {rabbit} | database,
             "migrate": database,
             "topology": {rabbit},
         }.get(component)
+        if name.startswith("authnotify-") and name not in ("authnotify-rabbitmq", "authnotify-postgres"):
+            assert expected is not None, f"{name}: no expectation for component {component!r}"
         if expected is not None:
             assert targets == expected, f"{name} may reach {sorted(targets)}"
+    # Alipay's gateway only from the workers that call it (HTTPS only), the merchants only from merchant-events.
+    for name, labels in _workloads(objects).items():
+        component = labels.get("app.kubernetes.io/component", "")
+        on_443 = {ports for target, ports in _egress(objects, labels) if target == "cidr:0.0.0.0/0"}
+        if component in {f"worker-{worker}" for worker in ALIPAY_WORKERS}:
+            assert on_443 == {(443,)}, f"{name} reaches the outside world on {sorted(on_443)}"
+        elif component != "worker-merchant-events":
+            assert not on_443, f"{name} may reach the outside world"
     # The outside world only on HTTPS (Alipay) or HTTP(S) (merchants), never the cluster's private ranges.
     for policy in ("authnotify-alipay-egress", "authnotify-merchant-egress"):
         (rule,) = policies[policy]["spec"]["egress"]
@@ -1036,6 +1110,11 @@ def test_one_broker_user_per_role_with_the_narrowest_permissions(base: list[dict
         assert allowed(worker, "read") == allowed(worker, "configure") == own
     assert notifications not in allowed("merchant-events", "write")  # cannot forge a notification
     assert allowed("merchant-events", "write") == {"amq.default"}
+    for worker in set(WORKER_TYPES) - {"merchant-events"}:  # retries and dead letters, events to merchants
+        assert allowed(worker, "write") == {"amq.default", notifications, unrouted}, worker
+    for publisher in PUBLISHERS:  # commands and events through the notifications exchange, nothing else
+        assert allowed(publisher, "write") == {notifications, unrouted}, publisher
+        assert allowed(publisher, "read") == allowed(publisher, "configure") == set(), publisher
     assert allowed("keda", "read") == allowed("keda", "write") == allowed("keda", "configure") == set()
     assert users["authnotify-keda"]["spec"]["tags"] == ["monitoring"]
     assert set(allowed("operator", "configure")) == set(names) - {"amq.default"}

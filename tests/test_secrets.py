@@ -175,6 +175,11 @@ def _secret_environment(keys: TestKeys, tmp_path: Path) -> tuple[dict[str, str],
     merchant_secret = generate_secret()
     merchants = tmp_path / "merchants.toml"
     merchants.write_text(f'[merchants.default]\nurl = "http://127.0.0.1:9/h"\nsecret = "{merchant_secret}"\n')
+    from authnotify.api.keys import new_api_key
+
+    api_key = new_api_key("billing", ["tokens:read", "authorizations:revoke"])
+    api_keys = tmp_path / "api-keys.toml"
+    api_keys.write_text(api_key.toml_entry())
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env.update({
         # Nothing listens on port 1: every process starts, logs its start-up lines, and keeps retrying.
@@ -190,13 +195,16 @@ def _secret_environment(keys: TestKeys, tmp_path: Path) -> tuple[dict[str, str],
         "AUTHNOTIFY_HTTP_PORT": str(_free_port()),
         "AUTHNOTIFY_METRICS_PORT": str(_free_port()),
         "AUTHNOTIFY_WORKER_HTTP_PORT": "0",
+        "AUTHNOTIFY_API_HOST": "127.0.0.1",
+        "AUTHNOTIFY_API_PORT": str(_free_port()),
+        "AUTHNOTIFY_API_KEYS_FILE": str(api_keys),
         "AUTHNOTIFY_LOG_FORMAT": "json",
         "AUTHNOTIFY_SIMULATE_ALIPAY_PRIVATE_KEY": keys.alipay.private_pem,
     })
     private_body = "".join(keys.ours.private_pem.splitlines()[1:-1])
     alipay_body = "".join(keys.alipay.private_pem.splitlines()[1:-1])
     secrets = [BROKER_PASSWORD, DATABASE_PASSWORD, token_key, merchant_secret, merchant_secret.removeprefix("whsec_"),
-               private_body[64:128], alipay_body[64:128], "PRIVATE KEY"]
+               private_body[64:128], alipay_body[64:128], "PRIVATE KEY", api_key.key]
     return env, secrets
 
 
@@ -219,8 +227,10 @@ def test_no_settings_object_shows_a_secret(keys: TestKeys, tmp_path: Path, monke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["ingress"], ["worker"], ["worker", "merchant-events"], ["topology"],
-                                     ["migrate"], ["dlq", "list"], ["authorizations", "list"],
+@pytest.mark.parametrize("command", [["ingress"], ["worker"], ["worker", "merchant-events"],
+                                     ["worker", "token-refresh"], ["worker", "revocations"], ["scheduler"],
+                                     ["api"], ["topology"], ["migrate"], ["dlq", "list"],
+                                     ["authorizations", "list"], ["authorizations", "revoke", "auth_x"],
                                      ["reencrypt-tokens"]])
 def test_no_start_up_line_or_error_shows_a_secret(keys: TestKeys, tmp_path: Path, command: list[str]) -> None:
     env, secrets = _secret_environment(keys, tmp_path)

@@ -52,7 +52,9 @@ async def test_alipay_plus_token_created_stores_tokens_and_emits_one_activated(
     assert event.type == "authorization.activated"
     assert message.message_id == event.id
     data = event.data.model_dump()
+    assert data["authorizationId"].startswith("auth_")
     assert data == {
+        "authorizationId": data["authorizationId"],
         "provider": "aps",
         "status": "active",
         "accessTokenFingerprint": fingerprint,

@@ -17,8 +17,6 @@ import hashlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-import aiohttp
-
 from authnotify.alipay.client import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient, AlipayUnavailable, ApplyTokenResult
 from authnotify.alipay.notifications import (
     AUTHCODE_CREATED,
@@ -27,7 +25,7 @@ from authnotify.alipay.notifications import (
     AuthCodeCreated,
     parse_notification,
 )
-from authnotify.config import ENV_PREFIX, Settings
+from authnotify.config import ENV_PREFIX
 from authnotify.domain.authorizations import AuthorizationData, TokenGrant
 from authnotify.domain.events import MerchantEvent, activation_events
 from authnotify.errors import PermanentError, TransientError
@@ -66,13 +64,6 @@ class _CodeLocks:
 
 
 _code_locks = _CodeLocks()
-
-
-def alipay_clients(settings: Settings, session: aiohttp.ClientSession, *,
-                   timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> dict[str, AlipayClient]:
-    """A client per configured provider; ConfigError (one line) when AMS lacks customerBelongsTo."""
-    return {name: AlipayClient(config, session, timeout=timeout)
-            for name, config in settings.providers().items()}
 
 
 def token_grant(notification: AuthCodeCreated, result: ApplyTokenResult) -> TokenGrant:
@@ -183,7 +174,7 @@ def parse_authcode_created(body: bytes, context: MessageContext) -> AuthCodeCrea
 async def consumer(resources: Resources, *,
                    apply_token_timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> ConsumerSpec:
     # Clients first: a configuration error stops the start before the database is opened.
-    clients = alipay_clients(resources.settings, await resources.http(), timeout=apply_token_timeout)
+    clients = await resources.alipay_clients(timeout=apply_token_timeout)
     store = await resources.store()
 
     async def handle(notification: AuthCodeCreated, context: MessageContext) -> list[MerchantEvent]:

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from authnotify.config import Need
 from authnotify.messaging.consumer import ConsumerSpec
 from authnotify.messaging.topology import Consumer
-from authnotify.workers import authcode_created, merchant_events, token_canceled, token_created
+from authnotify.workers import (
+    authcode_created,
+    merchant_events,
+    revocations,
+    token_canceled,
+    token_created,
+    token_refresh,
+)
 from authnotify.workers.resources import Resources
 
 BuildConsumer = Callable[[Resources], Awaitable[ConsumerSpec]]
@@ -31,6 +38,11 @@ CONSUMERS: dict[Consumer, ConsumerEntry] = {
         authcode_created.consumer, STORE | {Need.ALIPAY_KEYS, Need.AMS_CUSTOMER_BELONGS_TO}),
     Consumer.TOKEN_CREATED: ConsumerEntry(token_created.consumer, STORE),
     Consumer.TOKEN_CANCELED: ConsumerEntry(token_canceled.consumer, STORE),
+    # Both call Alipay (applyToken with a refresh token; revoke or cancelToken) and record what came back.
+    Consumer.TOKEN_REFRESH: ConsumerEntry(
+        token_refresh.consumer, STORE | {Need.ALIPAY_KEYS, Need.AMS_CUSTOMER_BELONGS_TO}),
+    Consumer.REVOCATIONS: ConsumerEntry(
+        revocations.consumer, STORE | {Need.ALIPAY_KEYS, Need.AMS_CUSTOMER_BELONGS_TO}),
     # Delivers events to merchants: no RSA keys, no token keys, no database.
     Consumer.MERCHANT_EVENTS: ConsumerEntry(merchant_events.consumer, frozenset({Need.MERCHANTS_FILE})),
 }

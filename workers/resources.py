@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 
+from authnotify.alipay.client import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient
 from authnotify.config import Settings
 from authnotify.store import AuthorizationStore, open_store
 
@@ -30,6 +31,11 @@ class Resources:
                 self._store = await open_store(self.settings.store_url(), self.settings.require_token_keys())
             return self._store
 
+    async def alipay_clients(self, *, timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> dict[str, AlipayClient]:
+        """A client per configured provider (its keys required); ConfigError (one line) when AMS lacks
+        customerBelongsTo."""
+        return alipay_clients(self.settings, await self.http(), timeout=timeout)
+
     async def http(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS))
@@ -42,3 +48,8 @@ class Resources:
         if self._store is not None and self._owns_store:
             await self._store.close()
             self._store = None
+
+
+def alipay_clients(settings: Settings, session: aiohttp.ClientSession, *,
+                   timeout: float = APPLY_TOKEN_TIMEOUT_SECONDS) -> dict[str, AlipayClient]:
+    return {name: AlipayClient(config, session, timeout=timeout) for name, config in settings.providers().items()}

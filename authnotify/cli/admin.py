@@ -1,9 +1,12 @@
-"""``authnotify topology``, ``migrate`` and ``reencrypt-tokens``."""
+"""``authnotify topology``, ``migrate``, ``reencrypt-tokens`` and ``api-keys create``."""
 
 from __future__ import annotations
 
+import argparse
+
+from authnotify.api.keys import KEYS_FILE_VARIABLE, new_api_key
 from authnotify.config import Settings
-from authnotify.errors import EXIT_OK, CommandError, StoreError
+from authnotify.errors import EXIT_OK, EXIT_USAGE, CommandError, StoreError
 from authnotify.messaging.connection import command_connection
 from authnotify.messaging.topology import build_topology
 from authnotify.store import open_store
@@ -43,4 +46,16 @@ async def reencrypt_tokens_command(settings: Settings) -> int:
     except StoreError as exc:
         raise CommandError(f"authnotify: {exc}") from None
     print(f"re-encrypted the tokens of {count} authorizations with the first key of AUTHNOTIFY_TOKEN_KEYS")
+    return EXIT_OK
+
+
+def create_api_key_command(args: argparse.Namespace) -> int:
+    """Prints the new key once (only its SHA-256 is kept, in the keys file) and the entry to add."""
+    try:
+        made = new_api_key(args.name, list(args.scopes))
+    except ValueError as exc:
+        raise CommandError(f"authnotify api-keys create: {exc}", EXIT_USAGE) from None
+    print(f"{made.key}")
+    print(f"# The key above is shown once: give it to {made.name} now. Add this to {KEYS_FILE_VARIABLE}:")
+    print(made.toml_entry(), end="")
     return EXIT_OK

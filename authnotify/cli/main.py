@@ -15,19 +15,32 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from authnotify.config import Need, Settings, check_needs, load_settings
-from authnotify.config.values import positive_int
+from authnotify.config.values import duration, positive_int
+from authnotify.domain.authorizations import STATUSES
 from authnotify.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError, ConfigError
 from authnotify.messaging.topology import CONSUMER_NAMES
 
 # What each operator command reads of the configuration, checked before it starts (the services declare
-# their own: authnotify.ingress.server.INGRESS_NEEDS, each consumer's line in authnotify.workers.registry).
+# their own: authnotify.ingress.server.INGRESS_NEEDS, each consumer's line in authnotify.workers.registry,
+# authnotify.scheduler.process.SCHEDULER_NEEDS, authnotify.api.server.API_NEEDS). A subcommand with needs of
+# its own has its own line ("authorizations revoke"); `api-keys create` reads no configuration at all.
 COMMAND_NEEDS: dict[str, frozenset[Need]] = {
     "topology": frozenset({Need.BROKER}),
     "migrate": frozenset({Need.DATABASE}),
     "reencrypt-tokens": frozenset({Need.DATABASE, Need.TOKEN_KEYS}),
     "dlq": frozenset({Need.BROKER}),
     "authorizations": frozenset({Need.DATABASE}),  # lists and shows; nothing is decrypted
+    # Queues the revocation with confirms; the revocations worker holds the keys that revoke at Alipay.
+    "authorizations revoke": frozenset({Need.DATABASE, Need.BROKER}),
 }
+
+
+def command_needs(args: argparse.Namespace) -> frozenset[Need]:
+    """The needs of the operator command ``args`` names: its subcommand's line, else its command's."""
+    subcommand = getattr(args, "auth_command", None) if args.command == "authorizations" else None
+    if subcommand is not None and f"{args.command} {subcommand}" in COMMAND_NEEDS:
+        return COMMAND_NEEDS[f"{args.command} {subcommand}"]
+    return COMMAND_NEEDS.get(args.command, frozenset())
 
 
 def _consumer_name(value: str) -> str:
@@ -48,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     commands.add_parser("ingress", help="run the HTTP ingress")
+    commands.add_parser("scheduler", help="publish due token refreshes, expiries and expiry warnings")
+    commands.add_parser("api", help="serve the internal API (AUTHNOTIFY_API_HOST:AUTHNOTIFY_API_PORT)")
+    api_keys = commands.add_parser("api-keys", help="API keys for the internal API")
+    api_key_commands = api_keys.add_subparsers(dest="api_keys_command", required=True, parser_class=_Parser)
+    api_key_create = api_key_commands.add_parser(
+        "create", help="print a new random key once, and the entry to add to AUTHNOTIFY_API_KEYS_FILE")
+    api_key_create.add_argument("name", metavar="NAME")
+    api_key_create.add_argument("--scope", dest="scopes", action="append", required=True, metavar="S",
+                                help="a scope the key grants (repeat for several)")
     worker = commands.add_parser("worker", help=f"run consumers (none named = all {len(CONSUMER_NAMES)})")
     worker.add_argument("names", nargs="*", type=_consumer_name, metavar="NAME")
     commands.add_parser("topology", help="declare every exchange and queue")
@@ -75,12 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     auths = commands.add_parser("authorizations", help="stored authorizations (never raw tokens)")
     auth_commands = auths.add_subparsers(dest="auth_command", required=True, parser_class=_Parser)
     auth_list = auth_commands.add_parser("list")
-    auth_list.add_argument("--status", choices=("active", "canceled"))
+    auth_list.add_argument("--status", choices=STATUSES)
     auth_list.add_argument("--merchant", metavar="ID")
+    auth_list.add_argument("--expiring-within", type=duration, metavar="DURATION",
+                           help="active ones whose refresh token (or access token, where there is none) "
+                                "expires within DURATION (24h, 7d)")
     auth_list.add_argument("--json", action="store_true")
     auth_show = auth_commands.add_parser("show")
     auth_show.add_argument("key", metavar="KEY")
     auth_show.add_argument("--json", action="store_true")
+    auth_revoke = auth_commands.add_parser("revoke", help="revoke at Alipay, then cancel (queued, with confirms)")
+    auth_revoke.add_argument("key", metavar="KEY")
+    auth_revoke.add_argument("--reason", metavar="TEXT")
+    auth_revoke.add_argument("--wait", action="store_true", help="wait for the outcome; exit 1 if it failed")
+    auth_revoke.add_argument("--json", action="store_true")
 
     commands.add_parser("dev", help="ingress and all workers in one process, with local defaults")
     simulate = commands.add_parser("simulate", help="play Alipay against a running ingress")
@@ -114,9 +144,14 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
 
         return _run(lambda: dev.run(args))
 
+    if command == "api-keys":
+        from authnotify.cli.admin import create_api_key_command
+
+        return create_api_key_command(args)
+
     settings = settings_factory()
-    check_needs(settings, COMMAND_NEEDS.get(command, ()))
-    service = command in ("ingress", "worker")
+    check_needs(settings, command_needs(args))
+    service = command in ("ingress", "worker", "scheduler", "api")
     configure_logging(settings.log_format, level=logging.INFO if service else logging.WARNING)
 
     if command == "ingress":
@@ -127,6 +162,14 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
         from authnotify.workers.process import run_workers
 
         return _run(lambda: run_workers(settings, args.names or list(CONSUMER_NAMES)))
+    if command == "scheduler":
+        from authnotify.scheduler.process import run_scheduler
+
+        return _run(lambda: run_scheduler(settings))
+    if command == "api":
+        from authnotify.api.server import run_api
+
+        return _run(lambda: run_api(settings))
     if command == "topology":
         from authnotify.cli.admin import declare_topology_command
 

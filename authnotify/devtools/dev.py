@@ -2,14 +2,18 @@
 
 It reads the normal configuration (environment and ``.env``) and fills in what is not set: development
 keys and client ids (``.authnotify/``, created on the first run), a simulated Alipay gateway answering
-``applyToken`` and a merchant endpoint that prints every event, both served on localhost, the SQLite file,
-console logs. Then it runs the ingress and every consumer until Ctrl-C or SIGTERM, and stops them in the
-order that loses nothing: the ingress first (it answers what is in flight), then the workers (they finish
-what they hold, merchant deliveries included), then the simulated outside world.
+``applyToken``, ``revoke`` and ``cancelToken`` and a merchant endpoint that prints every event, both served
+on localhost, the SQLite file, console logs, and a token lifecycle fast enough to watch: the gateway's
+tokens live seconds, the scheduler passes every second and refreshes, warns and expires on that scale.
+Then it runs the ingress, every consumer, the scheduler and the internal API (with a development key in
+``.authnotify/api-key``) until Ctrl-C or SIGTERM, and stops them in the order that loses nothing: the
+ingress and the API first (they answer what is in flight), then the scheduler, then the workers (they
+finish what they hold, merchant deliveries included), then the simulated outside world.
 
 Dev-only settings (environment or ``.env``): ``AUTHNOTIFY_DEV_GATEWAY_PORT`` (default 8081) and
 ``AUTHNOTIFY_DEV_MERCHANT_PORT`` (default 8082) for the simulated gateway and merchant endpoint (0: any free
-port), ``AUTHNOTIFY_DEV_DIR`` (default ``.authnotify``) for the keys.
+port), ``AUTHNOTIFY_DEV_DIR`` (default ``.authnotify``) for the keys, ``AUTHNOTIFY_DEV_ACCESS_TOKEN_LIFETIME``
+(default 10s) and ``AUTHNOTIFY_DEV_REFRESH_TOKEN_LIFETIME`` (default 30s) for the gateway's tokens.
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from authnotify.alipay.notifications import NOTIFY_PATHS
+from authnotify.api.app import create_api_app
+from authnotify.api.keys import load_api_keys
 from authnotify.config import ENV_PREFIX, PROVIDERS, DevSettings, Settings, load, load_settings
 from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
 from authnotify.devtools.devkeys import (
     ALIPAY_PRIVATE_KEY,
     ALIPAY_PUBLIC_KEY,
+    API_KEY,
     DEV_AMS_CLIENT_ID,
     DEV_APS_CLIENT_ID,
     DEV_CUSTOMER_BELONGS_TO,
@@ -40,6 +48,7 @@ from authnotify.devtools.devkeys import (
     OUR_PUBLIC_KEY,
     DevKeys,
     ensure_dev_keys,
+    write_api_keys_file,
     write_dev_description,
     write_merchants_file,
 )
@@ -47,14 +56,15 @@ from authnotify.devtools.sandbox.alipay_gateway import AlipayGateway, start_alip
 from authnotify.devtools.sandbox.merchant_endpoint import MerchantEndpoint
 from authnotify.errors import EXIT_OK, EXIT_USAGE, CommandError
 from authnotify.ingress.app import create_app
-from authnotify.ingress.server import LISTEN_BACKLOG
+from authnotify.ingress.server import DRAIN_TIMEOUT_SECONDS, LISTEN_BACKLOG
 from authnotify.ingress.server import ingress_runner as ingress_runner_for
 from authnotify.messaging.connection import BrokerUnreachable, connect_once
 from authnotify.messaging.health import HealthServer
 from authnotify.messaging.lifecycle import Lifecycle
-from authnotify.messaging.topology import CONSUMER_NAMES
+from authnotify.messaging.topology import CONSUMER_NAMES, build_topology
 from authnotify.observability.logging import configure_logging, get_logger
 from authnotify.observability.redaction import mask_url
+from authnotify.scheduler.process import SchedulerLoop
 from authnotify.workers.process import Workers
 from authnotify.workers.registry import build_specs
 from authnotify.workers.resources import Resources
@@ -66,6 +76,11 @@ BROKER_CHECK_TIMEOUT_SECONDS = 5.0
 READY_TIMEOUT_SECONDS = 30.0
 READY_LINE = "authnotify dev is ready"
 DEV_PROVIDER_CLIENT_IDS = {"ams": DEV_AMS_CLIENT_ID, "aps": DEV_APS_CLIENT_ID}
+# The lifecycle on the scale of the dev gateway's tokens (seconds): a pass a second, a refresh 4 s ahead of
+# an access token's expiry, a warning 20 s ahead of a refresh token's.
+DEV_SCHEDULER_INTERVAL = "1s"
+DEV_REFRESH_BEFORE = "4s"
+DEV_EXPIRY_WARNING = "20s"
 
 
 async def check_broker(settings: Settings) -> None:
@@ -81,8 +96,8 @@ async def check_broker(settings: Settings) -> None:
     await connection.close()
 
 
-def dev_configuration(base: Settings, keys: DevKeys, gateway_url: str, merchants_file: Path) -> tuple[
-        Settings, dict[str, str], list[str]]:
+def dev_configuration(base: Settings, keys: DevKeys, gateway_url: str, merchants_file: Path,
+                      api_keys_file: Path | None = None) -> tuple[Settings, dict[str, str], list[str]]:
     """The settings dev runs with: ``base`` plus local defaults for everything not configured.
 
     Also returns the AUTHNOTIFY_* lines for ``dev.env`` (only what dev filled in) and the providers that
@@ -100,6 +115,11 @@ def dev_configuration(base: Settings, keys: DevKeys, gateway_url: str, merchants
 
     fill("http_host", LOCALHOST)
     fill("log_format", "console")
+    fill("scheduler_interval", DEV_SCHEDULER_INTERVAL)
+    fill("refresh_before", DEV_REFRESH_BEFORE)
+    fill("expiry_warning", DEV_EXPIRY_WARNING)
+    if base.api_keys_file is None and api_keys_file is not None:
+        fill("api_keys_file", str(api_keys_file))
     alipay_ring = PublicKeyRing({ANY_KEY_VERSION: keys.alipay_public_key})
     for provider in PROVIDERS:
         if f"{provider}_client_id" in explicit:
@@ -154,9 +174,9 @@ def _simulate_command() -> str:
 
 
 def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url: str, merchant_url: str,
-               dev_providers: list[str], metrics_url: str) -> str:
+               dev_providers: list[str], metrics_url: str, api_url: str) -> str:
     lines = [
-        f"authnotify dev: ingress and {len(CONSUMER_NAMES)} consumers in one process "
+        f"authnotify dev: ingress, {len(CONSUMER_NAMES)} consumers, the scheduler and the API in one process "
         f"(namespace {settings.namespace}, {settings.queue_type} queues, {mask_url(settings.store_url())})",
         f"  development keys   {keys.directory} "
         + (f"(created: {', '.join(keys.created)})" if keys.created else "(reused)"),
@@ -171,10 +191,13 @@ def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url:
         lines.append(f"  {label} POST {ingress_url}{NOTIFY_PATHS[provider]}  Client-Id {config.client_id} "
                      f"({origin}; applyToken at {config.gateway_url})")
     lines += [
-        f"  Alipay gateway     {gateway_url}  (simulated applyToken, signed answers)",
+        f"  Alipay gateway     {gateway_url}  (simulated applyToken, revoke and cancelToken, signed answers)",
         f"  merchant endpoint  {merchant_url}  (prints each event it receives, below)"
         + ("" if settings.merchants_file == keys.path(MERCHANTS_FILE)
            else f"\n                     events go where {settings.merchants_file} says (AUTHNOTIFY_MERCHANTS_FILE)"),
+        f"  internal API       {api_url}/v1/authorizations  (Authorization: Bearer $(cat {_relative(keys.path(API_KEY))}))",
+        f"  lifecycle          scheduler every {settings.scheduler_interval:g}s, refresh {settings.refresh_before:g}s "
+        f"ahead, expiry warning {settings.expiry_warning:g}s ahead",
         f"  metrics            {metrics_url}   health {ingress_url}/healthz, {ingress_url}/readyz",
         f"  database           {mask_url(settings.store_url())}   (authnotify authorizations list, in this directory)",
         "Send a first notification, from another terminal in this directory:",
@@ -211,10 +234,11 @@ async def run(args: argparse.Namespace) -> int:
         merchant_app = merchant.app()
 
         async def merchant_events(_request: web.Request) -> web.Response:
-            # What simulate waits on before cancelling: ids and fingerprints only, never a token.
+            # What simulate watches the lifecycle by: ids and fingerprints only, never a token.
             return web.json_response([
                 {"id": r.webhook_id, "type": r.event.get("type"),
                  "provider": (r.event.get("data") or {}).get("provider"),
+                 "authorizationId": (r.event.get("data") or {}).get("authorizationId"),
                  "accessTokenFingerprint": (r.event.get("data") or {}).get("accessTokenFingerprint"),
                  "status": (r.event.get("data") or {}).get("status")}
                 for r in merchant.delivered
@@ -227,6 +251,7 @@ async def run(args: argparse.Namespace) -> int:
         merchant_base = f"http://{LOCALHOST}:{merchant_port}"
         merchant_url = merchant_base + MERCHANT_PATH
         merchants_file = write_merchants_file(keys, merchant_url)
+        api_keys_file = write_api_keys_file(keys)
 
         gateway = AlipayGateway(
             alipay_private_key=keys.alipay_private_key,
@@ -235,6 +260,8 @@ async def run(args: argparse.Namespace) -> int:
             ams_client_id=provisional.ams_client_id,
             aps_client_id=provisional.aps_client_id,
             token_secret=keys.gateway_secret,
+            access_token_lifetime=timedelta(seconds=dev.dev_access_token_lifetime),
+            refresh_token_lifetime=timedelta(seconds=dev.dev_refresh_token_lifetime),
         )
         try:
             running_gateway = await start_alipay_gateway(gateway, host=LOCALHOST, port=dev.dev_gateway_port)
@@ -244,7 +271,8 @@ async def run(args: argparse.Namespace) -> int:
                                f"{ENV_PREFIX}DEV_GATEWAY_PORT to a free port") from None
         lifecycle.on_stop(_quietly(running_gateway.aclose))
         gateway_url = running_gateway.url
-        settings, environment, dev_providers = dev_configuration(base, keys, gateway_url, merchants_file)
+        settings, environment, dev_providers = dev_configuration(base, keys, gateway_url, merchants_file,
+                                                                 api_keys_file)
 
         # The workers, then the ingress: the ingress answers S only once a queue holds the message, and on
         # the way out it stops first, while the workers still take what it published.
@@ -255,6 +283,24 @@ async def run(args: argparse.Namespace) -> int:
         workers = Workers(settings, specs, http_port=worker_port)
         await workers.start()
         lifecycle.on_stop(_quietly(workers.stop))
+
+        # The scheduler and the API publish through the workers' connection and share their store.
+        store = await resources.store()
+        topology = build_topology(settings)
+        scheduler = SchedulerLoop(settings, workers.publisher, topology, store=store)
+        scheduler.start()
+        lifecycle.on_stop(_quietly(scheduler.stop))
+        api_runner = web.AppRunner(create_api_app(store, workers.publisher, topology,
+                                                  load_api_keys(settings.api_keys_file)),
+                                   access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
+        await api_runner.setup()
+        lifecycle.on_stop(_quietly(api_runner.cleanup))
+        try:
+            await web.TCPSite(api_runner, settings.api_host, settings.api_port).start()
+        except OSError as exc:
+            raise CommandError(f"authnotify dev: cannot listen on {settings.api_host}:{settings.api_port} "
+                               f"for the internal API ({exc.strerror or exc}): set AUTHNOTIFY_API_PORT") from None
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
 
         ingress_runner = ingress_runner_for(create_app(settings))
         await ingress_runner.setup()
@@ -280,6 +326,7 @@ async def run(args: argparse.Namespace) -> int:
             "merchant_url": merchant_url,
             "merchant_events_url": merchant_base + MERCHANT_EVENTS_PATH,
             "metrics_url": metrics_url,
+            "api_url": api_url,
             "namespace": settings.namespace,
             "database_url": mask_url(settings.store_url()),
             "client_ids": {name: config.client_id for name, config in settings.providers().items()},
@@ -297,8 +344,8 @@ async def run(args: argparse.Namespace) -> int:
         if waiting.exception() is not None:
             raise CommandError(f"authnotify dev: the workers did not start within {READY_TIMEOUT_SECONDS:.0f}s "
                                "(is the broker healthy? see the log above)")
-        print(run_banner(settings, keys, ingress_url, gateway_url, merchant_url, dev_providers, metrics_url),
-              flush=True)
+        print(run_banner(settings, keys, ingress_url, gateway_url, merchant_url, dev_providers, metrics_url,
+                         api_url), flush=True)
         print(READY_LINE, flush=True)
         log.info("dev_ready", ingress=ingress_url, gateway=gateway_url, merchant=merchant_url)
         await lifecycle.run_until_stopped()

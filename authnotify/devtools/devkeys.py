@@ -9,11 +9,13 @@ Created on the first run and reused afterwards, every file mode 0600 in a 0700 d
 * ``merchant-secret``: the Standard Webhooks secret of the local merchant endpoint;
 * ``gateway-secret``: what the simulated gateway derives tokens from, so ``simulate`` knows which access
   token an auth code became and can cancel it;
+* ``api-key``: the key of the internal API that ``authnotify dev`` serves (every scope), and
+  ``api-keys.toml``: the API's keys file holding its hash;
 * ``merchants.toml``: the merchant registry pointing ``default`` at the local merchant endpoint;
 * ``dev.json``: client ids, ports and URLs of the running dev process (no secrets), read by ``simulate``;
 * ``dev.env``: the same configuration as ``AUTHNOTIFY_*`` variables, to run the pieces separately.
 
-``merchants.toml``, ``dev.json`` and ``dev.env`` are rewritten on every run (ports may change); the keys
+``merchants.toml``, ``api-keys.toml``, ``dev.json`` and ``dev.env`` are rewritten on every run (ports may change); the keys
 and secrets never are. These are development keys: never configure them in production.
 """
 
@@ -49,6 +51,9 @@ ALIPAY_PUBLIC_KEY = "alipay-public-key.pem"
 TOKEN_KEYS = "token-keys"
 MERCHANT_SECRET = "merchant-secret"
 GATEWAY_SECRET = "gateway-secret"
+API_KEY = "api-key"
+API_KEYS_FILE = "api-keys.toml"
+DEV_API_KEY_NAME = "dev"
 MERCHANTS_FILE = "merchants.toml"
 DEV_JSON = "dev.json"
 DEV_ENV = "dev.env"
@@ -65,6 +70,7 @@ class DevKeys:
     token_key: str
     merchant_secret: str
     gateway_secret: bytes
+    api_key: str
     created: tuple[str, ...]  # file names made on this run (empty when everything was reused)
 
     @property
@@ -179,6 +185,22 @@ def _gateway_secret(directory: Path, created: list[str]) -> bytes:
         raise _problem(path, "not hex") from None
 
 
+def _api_key(directory: Path, created: list[str]) -> str:
+    from authnotify.api.keys import KEY_PREFIX, SCOPES, new_api_key
+
+    path = directory / API_KEY
+    text = _read(path)
+    if text is None:
+        key = new_api_key(DEV_API_KEY_NAME, list(SCOPES)).key
+        write_private_file(path, key + "\n")
+        created.append(API_KEY)
+        return key
+    key = text.strip()
+    if not key.startswith(KEY_PREFIX):
+        raise _problem(path, "not an authnotify API key")
+    return key
+
+
 def ensure_dev_keys(directory: Path = DEFAULT_DEV_DIR) -> DevKeys:
     """Loads the development keys under ``directory``, creating what is missing; ConfigError on trouble."""
     directory = directory.expanduser()
@@ -194,9 +216,10 @@ def ensure_dev_keys(directory: Path = DEFAULT_DEV_DIR) -> DevKeys:
         token_key = _token_key(directory, created)
         secret = _merchant_secret(directory, created)
         gateway_secret = _gateway_secret(directory, created)
+        api_key = _api_key(directory, created)
     except OSError as exc:
         raise ConfigError(f"{directory}: cannot write development keys ({exc.strerror})") from None
-    return DevKeys(directory.resolve(), ours, alipay, token_key, secret, gateway_secret, tuple(created))
+    return DevKeys(directory.resolve(), ours, alipay, token_key, secret, gateway_secret, api_key, tuple(created))
 
 
 def load_dev_keys(directory: Path = DEFAULT_DEV_DIR) -> DevKeys | None:
@@ -216,6 +239,16 @@ def write_merchants_file(keys: DevKeys, merchant_url: str) -> Path:
         f"url = {json.dumps(merchant_url)}\n"
         f"secret = {json.dumps(keys.merchant_secret)}\n",
     )
+    return path
+
+
+def write_api_keys_file(keys: DevKeys) -> Path:
+    """The dev API's keys file: the dev key, with every scope."""
+    from authnotify.api.keys import SCOPES, NewKey
+
+    path = keys.path(API_KEYS_FILE)
+    entry = NewKey(DEV_API_KEY_NAME, keys.api_key, SCOPES).toml_entry()
+    write_private_file(path, "# Written by `authnotify dev` on every start: the key in api-key, every scope.\n" + entry)
     return path
 
 

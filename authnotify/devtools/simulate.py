@@ -8,11 +8,14 @@ acknowledged with a correctly signed S answer.
 
 Scenarios (``--provider`` chooses AMS, Alipay+ or both; ``--count`` repeats per provider):
 
-* ``lifecycle``: AUTHCODE_CREATED, then TOKEN_CREATED, then TOKEN_CANCELED for both authorizations. The
-  auth-code flow's access token is the one the simulated gateway issues for the code (derived from the dev
-  gateway secret); the token flow's is chosen here. Before cancelling it waits until the dev merchant
-  endpoint has seen the activations (or ``--gap`` seconds when it cannot watch one), as real cancellations
-  come long after the activation.
+* ``lifecycle``: an authorization's whole life, in under a minute against ``authnotify dev`` (whose gateway
+  hands out tokens that live seconds): AUTHCODE_CREATED (the worker exchanges the code: activation), then the
+  scheduler's refreshes, the expiry warning and the expiry; and TOKEN_CREATED (activation), then a revocation
+  through the dev internal API (canceled by us). It watches the dev merchant endpoint until every event has
+  arrived and prints each authorization's events. The auth-code flow's access token is the one the simulated
+  gateway issues for the code (derived from the dev gateway secret); the token flow's is chosen here. Without
+  the dev API it cancels the token flow with TOKEN_CANCELED instead; without the dev merchant endpoint it
+  waits ``--gap`` seconds and cannot check the events.
 * ``authcode-created``, ``token-created``, ``token-canceled``: one type.
 * ``duplicates``: the same notification ``--repeat`` times (fresh Request-Time and signature each time).
 * ``retry-pattern``: the same notification on Alipay's retry schedule (0s, 2min, 10min, 10min, 1h, 2h, 6h,
@@ -46,6 +49,11 @@ RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 540
 SCENARIOS = ("lifecycle", "authcode-created", "token-created", "token-canceled", "duplicates", "retry-pattern")
 DEFAULT_URL = "http://127.0.0.1:8080"
 ACTIVATION_WAIT_SECONDS = 30.0
+LIFECYCLE_WAIT_SECONDS = 90.0  # the dev gateway's refresh tokens live 30 s: expiry comes well within this
+# What each flow of the lifecycle goes through, as merchant events.
+CODE_FLOW_EVENTS: tuple[str, ...] = ("authorization.activated", "authorization.refreshed", "authorization.expiring",
+                    "authorization.expired")
+TOKEN_FLOW_EVENTS: tuple[str, ...] = ("authorization.activated", "authorization.canceled")
 _ALIPAY_OFFSET = timezone(timedelta(hours=8))
 
 # The merchant ids of Alipay+'s authNotify samples: auth client and reference merchant.
@@ -168,7 +176,8 @@ class NotificationFactory:
                         "acquirerId": APS_ACQUIRER_ID, "pspId": APS_PSP_ID}
         return Notification(auth.provider, "AUTHCODE_CREATED", self._dump(document))
 
-    def token_created(self, auth: Authorization) -> Notification:
+    def token_created(self, auth: Authorization, *, lifetime_seconds: tuple[float, float] | None = None) -> Notification:
+        """``lifetime_seconds``: (access, refresh) token lifetimes to announce (Alipay+ only); default 30 and 180 days."""
         login = f"62-****{auth.serial[-4:]}"
         if auth.provider == "ams":
             document: dict[str, Any] = {
@@ -178,12 +187,14 @@ class NotificationFactory:
             }
         else:
             now = datetime.now(UTC).replace(microsecond=0).astimezone(_ALIPAY_OFFSET)
+            access_life, refresh_life = ((timedelta(seconds=lifetime_seconds[0]), timedelta(seconds=lifetime_seconds[1]))
+                                         if lifetime_seconds else (timedelta(days=30), timedelta(days=180)))
             document = {
                 **self._aps_common("TOKEN_CREATED"), "referenceAgreementId": f"agr{auth.serial}",
                 "accessToken": auth.access_token,
-                "accessTokenExpiryTime": (now + timedelta(days=30)).isoformat(),
+                "accessTokenExpiryTime": (now + access_life).isoformat(),
                 "refreshToken": f"28100334{auth.serial}{secrets.token_hex(8).upper()}",
-                "refreshTokenExpiryTime": (now + timedelta(days=180)).isoformat(),
+                "refreshTokenExpiryTime": (now + refresh_life).isoformat(),
                 "scopes": ["AGREEMENT_PAY", "USER_LOGIN_ID"],
                 "customerId": f"2789808912345678{auth.serial[-11:]}", "userLoginId": login,
                 "acquirerId": APS_ACQUIRER_ID, "pspId": APS_PSP_ID,
@@ -223,6 +234,8 @@ class Identity:
     our_public_keys: Any  # a PublicKeyRing, or None: answers' signatures are not checked
     tokens_for_code: Callable[[str, str], str] | None
     merchant_events_url: str | None
+    api_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
 
 def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity:
@@ -294,9 +307,11 @@ def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity
                                 client_public_key=dev_keys.our_public_key,
                                 token_secret=dev_keys.gateway_secret)
         tokens_for_code = lambda provider, code: gateway.tokens_for(provider, code)[0]  # noqa: E731
+    ours = not args.url or args.url.rstrip("/") == described.get("ingress_url")
     return Identity(url, client_ids, alipay_key, public_keys, tokens_for_code,
-                    described.get("merchant_events_url") if not args.url or args.url.rstrip("/") ==
-                    described.get("ingress_url") else None)
+                    described.get("merchant_events_url") if ours else None,
+                    described.get("api_url") if ours and dev_keys is not None else None,
+                    dev_keys.api_key if ours and dev_keys is not None else None)
 
 
 # --- sending and counting -------------------------------------------------------------------------
@@ -451,13 +466,59 @@ async def _wait_for_activations(identity: Identity, session: Any, fingerprints: 
     return "timeout"
 
 
+async def _revoke_through_api(identity: Identity, session: Any, fingerprint: str) -> str | None:
+    """Revokes through the dev internal API (as a merchant's back office would); a note when that fails."""
+    import aiohttp
+
+    url = f"{identity.api_url}/v1/authorizations/{fingerprint}/revoke"
+    headers = {"Authorization": f"Bearer {identity.api_key}", "Content-Type": "application/json"}
+    body = json.dumps({"reason": "simulate lifecycle: the merchant ended the agreement"})
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            if response.status == 202:
+                return None
+            return f"revoking {fingerprint} through the API answered HTTP {response.status}"
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return f"revoking {fingerprint} through the API failed ({type(exc).__name__})"
+
+
+async def _watch_lifecycle(identity: Identity, session: Any, expected: dict[str, tuple[str, ...]]) -> dict[
+        str, list[str]]:
+    """The event types the dev merchant endpoint received per authorization (named by its first
+    fingerprint), until each has every expected type or the wait is over."""
+    import aiohttp
+
+    assert identity.merchant_events_url is not None
+    deadline = time.monotonic() + LIFECYCLE_WAIT_SECONDS
+    seen: dict[str, list[str]] = {}
+    while True:
+        try:
+            async with session.get(identity.merchant_events_url) as response:
+                events = await response.json() if response.status == 200 else []
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            events = []
+        # An authorization's fingerprint changes with each refresh: follow it by its authorizationId.
+        first_fingerprint = {e.get("authorizationId"): e.get("accessTokenFingerprint") for e in events
+                             if e.get("type") == "authorization.activated" and e.get("accessTokenFingerprint") in expected}
+        seen = {}
+        for event in events:
+            fingerprint = first_fingerprint.get(event.get("authorizationId"))
+            if fingerprint is not None:
+                seen.setdefault(fingerprint, []).append(str(event.get("type")))
+        if all(set(types) <= set(seen.get(fp, [])) for fp, types in expected.items()) or time.monotonic() > deadline:
+            return seen
+        await asyncio.sleep(0.5)
+
+
 def build_plan(args: argparse.Namespace, providers: list[str], factory: NotificationFactory,
-               identity: Identity, session: Any, notes: list[str]) -> Plan:
+               identity: Identity, session: Any, notes: list[str],
+               lifecycle_report: dict[str, list[str]] | None = None) -> Plan:
     from authnotify.domain.authorizations import access_token_fingerprint
 
     count = args.count
     scenario = args.scenario
     authorizations: list[Authorization] = []
+    lifecycle_report = lifecycle_report if lifecycle_report is not None else {}
 
     def new(provider: str, from_auth_code: bool) -> Authorization:
         auth = factory.authorization(provider, from_auth_code=from_auth_code)
@@ -471,18 +532,39 @@ def build_plan(args: argparse.Namespace, providers: list[str], factory: Notifica
                 f"become: run it where `authnotify dev` keeps {args.dev_dir}/, or use token-created")
         code_flows = [new(p, True) for _ in range(count) for p in providers]
         token_flows = [new(p, False) for _ in range(count) for p in providers]
+        revoke_by_api = bool(identity.api_url and identity.api_key and identity.merchant_events_url)
+        if not revoke_by_api:
+            notes.append("no dev internal API or merchant endpoint here: the token flow is canceled with "
+                         "TOKEN_CANCELED instead of a revocation, and the events are not checked")
 
         async def lifecycle(sender: Sender) -> None:
             await sender.send_all([factory.auth_code_created(a) for a in code_flows])
-            await sender.send_all([factory.token_created(a) for a in token_flows])
+            await sender.send_all([factory.token_created(a, lifetime_seconds=(10, 30)) for a in token_flows])
             fingerprints = {access_token_fingerprint(a.access_token) for a in authorizations}
             waited = await _wait_for_activations(identity, session, fingerprints, args.gap)
             if waited == "timeout":
                 notes.append(f"the merchant endpoint did not see every activation within "
-                             f"{ACTIVATION_WAIT_SECONDS:.0f}s; cancelling anyway")
-            await sender.send_all([factory.token_canceled(a) for a in code_flows + token_flows])
+                             f"{ACTIVATION_WAIT_SECONDS:.0f}s; going on anyway")
+            if not revoke_by_api:
+                await sender.send_all([factory.token_canceled(a) for a in token_flows])
+                return
+            for auth in token_flows:
+                note = await _revoke_through_api(identity, session, access_token_fingerprint(auth.access_token))
+                if note:
+                    notes.append(note)
+            expected: dict[str, tuple[str, ...]] = {
+                access_token_fingerprint(a.access_token): CODE_FLOW_EVENTS for a in code_flows}
+            expected |= {access_token_fingerprint(a.access_token): TOKEN_FLOW_EVENTS for a in token_flows}
+            seen = await _watch_lifecycle(identity, session, expected)
+            lifecycle_report.update(seen)
+            missing = {fp: [t for t in expected[fp] if t not in seen.get(fp, [])] for fp in expected}
+            for fingerprint, types in missing.items():
+                if types:
+                    notes.append(f"authorization {fingerprint}: no {', '.join(types)} within "
+                                 f"{LIFECYCLE_WAIT_SECONDS:.0f}s")
 
-        return Plan(4 * count * len(providers), lifecycle, authorizations)
+        return Plan(2 * count * len(providers) + (0 if revoke_by_api else count * len(providers)), lifecycle,
+                    authorizations)
 
     if scenario in ("authcode-created", "token-created", "token-canceled"):
         notify_type = scenario.upper().replace("-", "_")
@@ -530,7 +612,8 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 def summarize(args: argparse.Namespace, identity: Identity, tally: Tally, duration: float,
-              authorizations: list[Authorization], notes: list[str]) -> dict[str, Any]:
+              authorizations: list[Authorization], notes: list[str],
+              lifecycle_report: dict[str, list[str]] | None = None) -> dict[str, Any]:
     from authnotify.domain.authorizations import access_token_fingerprint
 
     answers = tally.answers
@@ -539,13 +622,23 @@ def summarize(args: argparse.Namespace, identity: Identity, tally: Tally, durati
     signatures = Counter(a.signature for a in answers if a.signature != "n/a")
     acknowledged = sum(a.acknowledged for a in answers)
     sent = Counter(f"{a.provider}.{a.notify_type}" for a in answers)
+    events = lifecycle_report or {}
+    lifecycle = [
+        {"provider": a.provider, "flow": "auth code" if a.auth_code else "token",
+         "accessTokenFingerprint": access_token_fingerprint(a.access_token),
+         "events": events.get(access_token_fingerprint(a.access_token), [])}
+        for a in authorizations
+    ] if lifecycle_report else None
+    lifecycle_ok = lifecycle is None or all(
+        set(CODE_FLOW_EVENTS if item["flow"] == "auth code" else TOKEN_FLOW_EVENTS) <= set(item["events"])
+        for item in lifecycle)
     return {
         "scenario": args.scenario,
         "url": identity.url,
         "sent": len(answers),
         "acknowledged": acknowledged,
         "notAcknowledged": len(answers) - acknowledged,
-        "ok": bool(answers) and acknowledged == len(answers),
+        "ok": bool(answers) and acknowledged == len(answers) and lifecycle_ok,
         "durationSeconds": round(duration, 3),
         "ratePerSecond": round(len(answers) / duration, 1) if duration > 0 else None,
         "byNotification": dict(sorted(sent.items())),
@@ -566,6 +659,7 @@ def summarize(args: argparse.Namespace, identity: Identity, tally: Tally, durati
              "flow": "auth code" if a.auth_code else "token"}
             for a in authorizations
         ],
+        "lifecycle": lifecycle,
         "notes": notes,
     }
 
@@ -593,6 +687,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     signatures = summary["signatures"]
     console.print(f"answer signatures: {signatures['verified']} verified, {signatures['bad']} bad"
                   + (f", {signatures['unchecked']} unchecked (no public key)" if signatures["unchecked"] else ""))
+    if summary.get("lifecycle"):
+        lifecycle = Table(title="lifecycle (events the merchant received)", title_justify="left")
+        for column in ("provider", "flow", "accessTokenFingerprint", "events"):
+            lifecycle.add_column(column)
+        for item in summary["lifecycle"]:
+            lifecycle.add_row(item["provider"], item["flow"], item["accessTokenFingerprint"],
+                              ", ".join(t.removeprefix("authorization.") for t in item["events"]) or "-")
+        console.print(lifecycle)
     for note in summary["notes"]:
         console.print(f"note: {note}")
     if summary["authorizations"] and len(summary["authorizations"]) <= 8:
@@ -601,9 +703,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         if listed:
             console.print(f"authorizations (accessTokenFingerprint): {listed}")
     if summary["ok"]:
-        console.print(f"[green]all {summary['sent']} acknowledged (S, signature verified)[/]")
+        console.print(f"[green]all {summary['sent']} acknowledged (S, signature verified)"
+                      + (", every lifecycle event received" if summary.get("lifecycle") else "") + "[/]")
     else:
-        console.print(f"[red]{summary['notAcknowledged']} of {summary['sent']} not acknowledged[/]")
+        problem = (f"{summary['notAcknowledged']} of {summary['sent']} not acknowledged" if summary["notAcknowledged"]
+                   else "lifecycle events missing (see the notes)")
+        console.print(f"[red]{problem}[/]")
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -636,7 +741,8 @@ async def simulate(args: argparse.Namespace) -> int:
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await _check_reachable(session, identity.url)
-        plan = build_plan(args, providers, factory, identity, session, notes)
+        lifecycle_report: dict[str, list[str]] = {}
+        plan = build_plan(args, providers, factory, identity, session, notes, lifecycle_report)
         stderr = Console(stderr=True)
         show_progress = not args.no_progress and stderr.is_terminal
         progress = Progress(TextColumn(f"simulate {args.scenario}"), BarColumn(), MofNCompleteColumn(),
@@ -647,7 +753,7 @@ async def simulate(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             await plan.run(sender)
             duration = time.perf_counter() - started
-    summary = summarize(args, identity, tally, duration, plan.authorizations, notes)
+    summary = summarize(args, identity, tally, duration, plan.authorizations, notes, lifecycle_report)
     if args.json:
         print(json.dumps(summary, separators=(",", ":")))
     else:

@@ -1,10 +1,12 @@
-"""The client side of Alipay's ``applyToken``, for AMS and Alipay+ (docs/queues.md, docs/troubleshooting.md).
+"""The client side of Alipay's token APIs, for AMS and Alipay+ (docs/queues.md, docs/troubleshooting.md):
+``applyToken`` (an auth code or a refresh token for tokens), AMS ``revoke`` and Alipay+ ``cancelToken``.
 
 One :class:`AlipayClient` per configured provider, sharing the process's aiohttp session. It signs the
 request with our private key and verifies the response's signature with Alipay's public keys before a
 single byte of the body is trusted. Outcomes are typed:
 
-* a verified answer, whatever its ``resultStatus`` (S, F or U), is an :class:`ApplyTokenResult`;
+* a verified answer, whatever its ``resultStatus`` (S, F or U), is an :class:`ApplyTokenResult` (or, for a
+  revocation, an :class:`AlipayResult`);
 * anything that is not a verified answer (HTTP 5xx, timeout, connection error, a signature that does not
   verify, a garbled body) raises :class:`AlipayUnavailable`, which callers treat as "try again later".
 
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import orjson
@@ -26,7 +29,12 @@ from authnotify.alipay.signature import sign_request_headers, verify_signature_h
 from authnotify.config import ENV_PREFIX, ProviderConfig
 from authnotify.errors import ConfigError
 from authnotify.observability.logging import get_logger
-from authnotify.observability.metrics import APPLY_TOKEN_RESULTS, APPLY_TOKEN_SECONDS
+from authnotify.observability.metrics import (
+    APPLY_TOKEN_RESULTS,
+    APPLY_TOKEN_SECONDS,
+    REVOKE_TOKEN_RESULTS,
+    REVOKE_TOKEN_SECONDS,
+)
 
 log = get_logger("authnotify.alipay")
 
@@ -39,9 +47,13 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 AMS_APPLY_TOKEN_PATH = "/ams/api/v1/authorizations/applyToken"
 AMS_SANDBOX_APPLY_TOKEN_PATH = "/ams/sandbox/api/v1/authorizations/applyToken"
 APS_APPLY_TOKEN_PATH = "/aps/api/v1/authorizations/applyToken"
+AMS_REVOKE_PATH = "/ams/api/v1/authorizations/revoke"
+AMS_SANDBOX_REVOKE_PATH = "/ams/sandbox/api/v1/authorizations/revoke"
+APS_CANCEL_TOKEN_PATH = "/aps/api/v1/authorizations/cancelToken"
 
 GrantType = Literal["AUTHORIZATION_CODE", "REFRESH_TOKEN"]
 ResultStatus = Literal["S", "F", "U"]
+Answer = TypeVar("Answer", "ApplyTokenResult", "AlipayResult")
 
 
 class AlipayError(Exception):
@@ -68,6 +80,29 @@ def apply_token_path(provider: str, client_id: str) -> str:
     if provider == "aps":
         return APS_APPLY_TOKEN_PATH
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def revoke_path(provider: str, client_id: str) -> str:
+    """AMS ``revoke``, Alipay+ ``cancelToken``: where an access token is revoked."""
+    if provider == "ams":
+        return AMS_SANDBOX_REVOKE_PATH if client_id.startswith(SANDBOX_CLIENT_PREFIX) else AMS_REVOKE_PATH
+    if provider == "aps":
+        return APS_CANCEL_TOKEN_PATH
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+@dataclass(frozen=True)
+class AlipayResult:
+    """A verified answer that carries only its result (``revoke``, ``cancelToken``)."""
+
+    provider: str
+    result_status: ResultStatus
+    result_code: str
+    result_message: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result_status == "S"
 
 
 @dataclass(frozen=True)
@@ -146,14 +181,25 @@ def _customer_id(document: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_apply_token_response(provider: str, body: bytes) -> ApplyTokenResult:
-    """The typed result of a verified body; :class:`_Garbled` when it lacks the documented shape."""
+def _document(body: bytes) -> dict[str, Any]:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise _Garbled("body is not JSON") from None
     if not isinstance(document, dict):
         raise _Garbled("body is not a JSON object")
+    return document
+
+
+def parse_result_response(provider: str, body: bytes) -> AlipayResult:
+    """The result of a verified ``revoke`` or ``cancelToken`` body; :class:`_Garbled` without one."""
+    answer = parse_apply_token_response(provider, body, tokens_expected=False)
+    return AlipayResult(provider, answer.result_status, answer.result_code, answer.result_message)
+
+
+def parse_apply_token_response(provider: str, body: bytes, *, tokens_expected: bool = True) -> ApplyTokenResult:
+    """The typed result of a verified body; :class:`_Garbled` when it lacks the documented shape."""
+    document = _document(body)
     result = document.get("result")
     if not isinstance(result, dict):
         raise _Garbled("result is missing")
@@ -165,7 +211,7 @@ def parse_apply_token_response(provider: str, body: bytes) -> ApplyTokenResult:
         raise _Garbled("result.resultCode is missing")
     message = result.get("resultMessage")
     message = message[:256] if isinstance(message, str) else None
-    if status != "S":
+    if status != "S" or not tokens_expected:
         return ApplyTokenResult(provider=provider, result_status=status, result_code=code[:64],
                                 result_message=message)
     access_token = _optional_str(document, "accessToken")
@@ -251,27 +297,48 @@ class AlipayClient:
             assert refresh_token is not None
             body = self._apply_token_body("REFRESH_TOKEN", "refreshToken", refresh_token,
                                           auth_client_id, reference_merchant_id)
-        return await self._call(self.apply_token_path, orjson.dumps(body), operation="applyToken")
+        return await self._call(self.apply_token_path, orjson.dumps(body), operation="applyToken",
+                                parse=parse_apply_token_response, seconds=APPLY_TOKEN_SECONDS,
+                                results=APPLY_TOKEN_RESULTS)
 
-    async def _call(self, path: str, body: bytes, *, operation: str) -> ApplyTokenResult:
+    @property
+    def revoke_path(self) -> str:
+        return revoke_path(self._config.name, self._config.client_id)
+
+    async def revoke_token(self, *, access_token: str, auth_client_id: str | None = None) -> AlipayResult:
+        """AMS ``revoke`` with ``{"accessToken"}``, Alipay+ ``cancelToken`` with ``{"accessToken",
+        "authClientId"}``: idempotent on the access token, so a U or a timeout is resent as it is."""
+        body: dict[str, Any] = {"accessToken": access_token}
+        operation = "revoke"
+        if self._config.name == "aps":
+            if not auth_client_id:
+                raise ValueError("Alipay+ cancelToken needs authClientId")
+            body["authClientId"] = auth_client_id
+            operation = "cancelToken"
+        return await self._call(self.revoke_path, orjson.dumps(body), operation=operation,
+                                parse=parse_result_response, seconds=REVOKE_TOKEN_SECONDS,
+                                results=REVOKE_TOKEN_RESULTS)
+
+    async def _call(self, path: str, body: bytes, *, operation: str, parse: Callable[[str, bytes], Answer],
+                    seconds: Any, results: Any) -> Answer:
         provider = self._config.name
         started = time.perf_counter()
         try:
-            result = await self._post(path, body, operation=operation)
+            result = await self._post(path, body, operation=operation, parse=parse)
         except AlipayUnavailable as exc:
-            APPLY_TOKEN_RESULTS.labels(provider=provider, result=exc.kind).inc()
+            results.labels(provider=provider, result=exc.kind).inc()
             log.warning("alipay_unavailable", operation=operation, provider=provider, kind=exc.kind,
                         error=str(exc), seconds=round(time.perf_counter() - started, 3))
             raise
         finally:
-            APPLY_TOKEN_SECONDS.labels(provider=provider).observe(time.perf_counter() - started)
-        APPLY_TOKEN_RESULTS.labels(provider=provider, result=result.result_status).inc()
+            seconds.labels(provider=provider).observe(time.perf_counter() - started)
+        results.labels(provider=provider, result=result.result_status).inc()
         log.info("alipay_answered", operation=operation, provider=provider,
                  result_status=result.result_status, result_code=result.result_code,
                  seconds=round(time.perf_counter() - started, 3))
         return result
 
-    async def _post(self, path: str, body: bytes, *, operation: str) -> ApplyTokenResult:
+    async def _post(self, path: str, body: bytes, *, operation: str, parse: Callable[[str, bytes], Answer]) -> Answer:
         config = self._config
         headers = sign_request_headers(config.private_key, method="POST", path=path,
                                        client_id=config.client_id, body=body)
@@ -316,7 +383,7 @@ class AlipayClient:
                 f"{where} answer (HTTP {status}) has no valid Alipay signature", kind="bad_signature"
             )
         try:
-            result = parse_apply_token_response(config.name, response_body)
+            result = parse(config.name, response_body)
         except _Garbled as exc:
             raise AlipayUnavailable(f"{where} answer (HTTP {status}) is garbled: {exc}",
                                     kind="bad_response") from None

@@ -22,6 +22,9 @@ NOTIFY_PATHS: dict[str, str] = {
     "aps": "/aps/api/v1/authorizations/authNotify",
 }
 
+# Alipay+ asks the ACQP, synchronously, whether the merchant lets the user unbind from the wallet side.
+CONSULT_UNBINDING_PATH = "/aps/api/v1/authorizations/consultUnbinding"
+
 AUTHCODE_CREATED = "AUTHCODE_CREATED"
 TOKEN_CREATED = "TOKEN_CREATED"
 TOKEN_CANCELED = "TOKEN_CANCELED"

@@ -8,6 +8,8 @@ keys or a database. Who declares what:
 
 * ``authnotify ingress``: :data:`authnotify.ingress.server.INGRESS_NEEDS`;
 * ``authnotify worker NAME``: each consumer's line in :mod:`authnotify.workers.registry`;
+* ``authnotify scheduler``: :data:`authnotify.scheduler.process.SCHEDULER_NEEDS`;
+* ``authnotify api``: :data:`authnotify.api.server.API_NEEDS`;
 * the operator commands: :data:`authnotify.cli.main.COMMAND_NEEDS`.
 """
 
@@ -32,6 +34,10 @@ class Need(enum.Enum):
     # applyToken for AMS sends customerBelongsTo; needed only where AMS is configured.
     AMS_CUSTOMER_BELONGS_TO = "AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO where AMS is configured"
     MERCHANTS_FILE = "the merchant registry (AUTHNOTIFY_MERCHANTS_FILE)"
+    # The ingress answers consultUnbinding from the registry's allow_unbinding flags; without a registry every
+    # unbinding is allowed, so it is read where set (and validated when the app is built), never required.
+    UNBINDING_FLAGS = "the merchant registry's allow_unbinding flags (AUTHNOTIFY_MERCHANTS_FILE, optional)"
+    API_KEYS_FILE = "the internal API's keys (AUTHNOTIFY_API_KEYS_FILE)"
 
 
 def _check(settings: Settings, need: Need) -> None:
@@ -52,7 +58,12 @@ def _check(settings: Settings, need: Need) -> None:
         if settings.merchants_file is None:
             raise ConfigError(f"{ENV_PREFIX}MERCHANTS_FILE: required by the merchant-events worker "
                               "(a TOML merchant registry)")
-    # BROKER and DATABASE have defaults (the local broker, a SQLite file): declared, nothing more to check.
+    elif need is Need.API_KEYS_FILE:
+        if settings.api_keys_file is None:
+            raise ConfigError(f"{ENV_PREFIX}API_KEYS_FILE: required by the api (a TOML file of [keys.<name>] "
+                              "entries; make one with `authnotify api-keys create`)")
+    # BROKER and DATABASE have defaults (the local broker, a SQLite file), UNBINDING_FLAGS is optional: declared,
+    # nothing more to check.
 
 
 def check_needs(settings: Settings, needs: Iterable[Need]) -> None:

@@ -111,7 +111,7 @@ def _parse_token_keys(value: Any) -> TokenKeys | None:
 
 
 RetryDelays = Annotated[tuple[float, ...] | None, NoDecode, BeforeValidator(_parse_retry_delays)]
-Duration = Annotated[float, NoDecode, BeforeValidator(_parse_duration)]
+Duration = Annotated[float, NoDecode, BeforeValidator(_parse_duration)]  # seconds; written 10s, 1m, 24h, 7d
 KeyValue = Annotated[Any, NoDecode, BeforeValidator(_key_text)]
 TokenKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_token_keys)]
 BrokerUrl = Annotated[SecretStr, _url_schemes("amqp", "amqps")]
@@ -179,10 +179,22 @@ class Settings(EnvironmentSettings):
     retry_delays_token_created: RetryDelays = None
     retry_delays_token_canceled: RetryDelays = None
     retry_delays_merchant_events: RetryDelays = None
+    retry_delays_token_refresh: RetryDelays = None
+    retry_delays_revocations: RetryDelays = None
     ingress_max_inflight: int = Field(default=1024, ge=1)
     request_time_tolerance: Duration = 26 * 3600.0  # Alipay retries for 24 hours
     ingress_body_timeout: Duration = 10.0
     log_format: Literal["json", "console"] = "json"
+
+    # The token lifecycle (docs/lifecycle.md): the scheduler's pace and how far ahead it looks.
+    scheduler_interval: Duration = 60.0
+    refresh_before: Duration = 86400.0
+    expiry_warning: Duration = 7 * 86400.0
+
+    # The internal API (docs/api.md): never the ingress's listener.
+    api_host: str = Field(default="127.0.0.1", min_length=1)
+    api_port: int = Field(default=8088, ge=1, le=65535)
+    api_keys_file: Path | None = None
 
     _parsed_keys: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -257,6 +269,9 @@ class DevSettings(EnvironmentSettings):
     dev_gateway_port: int = Field(default=8081, ge=0, le=65535)
     dev_merchant_port: int = Field(default=8082, ge=0, le=65535)
     dev_dir: Path = Path(".authnotify")
+    # Lifetimes of the tokens the simulated gateway hands out: short enough to watch a lifecycle.
+    dev_access_token_lifetime: Duration = 10.0
+    dev_refresh_token_lifetime: Duration = 30.0
 
 
 class SimulateSettings(EnvironmentSettings):

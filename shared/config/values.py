@@ -61,3 +61,11 @@ def positive_float(value: str) -> float:
     if number == 0:
         raise argparse.ArgumentTypeError("must be more than zero")
     return number
+
+
+def duration(value: str) -> float:
+    """An option's duration (``10s``, ``24h``, ``7d``), in seconds."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -1,13 +1,17 @@
-"""Authorizations as the rest of the system sees them: never a raw token, always named by a fingerprint.
+"""Authorizations as the rest of the system sees them: never a raw token, named by an id and fingerprints.
 
 :class:`AuthorizationData` is the ``data`` object of every merchant event and what ``authorizations list
 --json`` prints. :class:`TokenGrant` and :class:`Cancellation` are what notifications and ``applyToken``
 tell us; :class:`Transition` is what recording one did.
+
+An authorization is ``auth_...`` (its ``authorizationId``) for life; its access token changes with every
+refresh, and every fingerprint it ever held keeps naming it (``docs/lifecycle.md``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -16,7 +20,21 @@ from pydantic import BaseModel, ConfigDict
 
 STATUS_ACTIVE = "active"
 STATUS_CANCELED = "canceled"
-Status = Literal["active", "canceled"]
+STATUS_EXPIRED = "expired"
+Status = Literal["active", "canceled", "expired"]
+STATUSES: tuple[str, ...] = (STATUS_ACTIVE, STATUS_CANCELED, STATUS_EXPIRED)
+
+AUTHORIZATION_ID_PREFIX = "auth_"
+AUTHORIZATION_ID_MAX_LENGTH = 40
+
+
+def new_authorization_id() -> str:
+    """``auth_`` and 22 URL-safe characters (128 random bits): never reused, never guessable."""
+    return AUTHORIZATION_ID_PREFIX + secrets.token_urlsafe(16)
+
+
+def is_authorization_id(key: str) -> bool:
+    return key.startswith(AUTHORIZATION_ID_PREFIX) and len(key) <= AUTHORIZATION_ID_MAX_LENGTH
 
 
 def access_token_fingerprint(access_token: str) -> str:
@@ -38,10 +56,16 @@ def iso_utc(moment: datetime | None) -> str | None:
 
 
 class AuthorizationData(BaseModel):
-    """Everything known about an authorization, never a raw token. Unknown fields are null."""
+    """Everything known about an authorization, never a raw token. Unknown fields are null.
+
+    ``authorizationId`` is always set by the store; it is optional here only so that events published
+    before authorization ids existed (still queued, retried or dead-lettered) remain readable. ``reason``
+    is why the authorization ended: the cancellation's reason, or why it expired.
+    """
 
     model_config = ConfigDict(frozen=True)
 
+    authorizationId: str | None = None
     provider: Literal["ams", "aps"]
     status: Status
     accessTokenFingerprint: str
@@ -106,13 +130,20 @@ class Cancellation:
 
 @dataclass(frozen=True)
 class Transition:
-    """What recording a grant or a cancellation did to the authorization.
+    """What a write did to the authorization.
 
-    ``changed``: this write created the authorization (a grant) or canceled it (a cancellation); false
-    when the authorization was already in that state, so the write only filled in what was missing.
-    ``since``: when the authorization entered its current status, the ``createdAt`` of its event.
+    ``changed``: this write made the change it was asked for (created, canceled, refreshed, expired);
+    false when the authorization was already past it, so the write at most filled in what was missing.
+    ``since``: when that change happened, the ``createdAt`` of its event.
+    ``fingerprint``: the access token the change is about (the first token for an activation, the new one
+    for a refresh, the one held when it was canceled or expired): it names the event.
     """
 
     authorization: AuthorizationData
     changed: bool
     since: datetime
+    fingerprint: str = ""
+
+    @property
+    def token_fingerprint(self) -> str:
+        return self.fingerprint or self.authorization.accessTokenFingerprint

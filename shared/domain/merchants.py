@@ -10,6 +10,7 @@
     url = "https://other.example/hooks"
     secrets = ["whsec_new...", "whsec_old..."]  # rotation: every listed secret signs, instead of `secret`
     events = ["authorization.canceled"]  # optional filter; default: every type
+    allow_unbinding = false              # optional: refuse Alipay+'s consultUnbinding; default: allowed
 
 The file is validated once, at start; a bad file stops the process with one line naming
 AUTHNOTIFY_MERCHANTS_FILE and the entry (never a secret). An entry that matched an event is authoritative:
@@ -40,7 +41,7 @@ DEFAULT_ENTRY = "default"
 SECRET_PREFIX = "whsec_"
 SECRET_MIN_BYTES = 24
 SECRET_MAX_BYTES = 64
-_ENTRY_KEYS = frozenset({"url", "secret", "secrets", "events"})
+_ENTRY_KEYS = frozenset({"url", "secret", "secrets", "events", "allow_unbinding"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Endpoint:
     url: str
     secrets: tuple[str, ...] = field(repr=False)  # every one signs (rotation: new and old side by side)
     events: frozenset[str] | None = None  # None: every type
+    allow_unbinding: bool = True
 
     def accepts(self, event_type: str) -> bool:
         return self.events is None or event_type in self.events
@@ -78,6 +80,33 @@ class MerchantRegistry:
     def __len__(self) -> int:
         return len(self.entries) + (self.default is not None)
 
+    def unbinding_policy(self) -> UnbindingPolicy:
+        return UnbindingPolicy(
+            by_merchant={name: endpoint.allow_unbinding for name, endpoint in self.entries.items()},
+            default=self.default.allow_unbinding if self.default is not None else True,
+        )
+
+
+@dataclass(frozen=True)
+class UnbindingPolicy:
+    """Whether a merchant lets the user unbind from the wallet side (Alipay+ ``consultUnbinding``).
+
+    Only the registry's ``allow_unbinding`` flags, none of its URLs or secrets: the ingress answers from this.
+    """
+
+    by_merchant: dict[str, bool]
+    default: bool = True
+
+    def allows(self, reference_merchant_id: str | None, auth_client_id: str | None) -> bool:
+        """The entry for referenceMerchantId, else for authClientId, else the default; absent means allowed."""
+        for merchant_id in (reference_merchant_id, auth_client_id):
+            if merchant_id and merchant_id in self.by_merchant:
+                return self.by_merchant[merchant_id]
+        return self.default
+
+
+ALLOW_EVERY_UNBINDING = UnbindingPolicy(by_merchant={}, default=True)
+
 
 def _entry_label(name: str) -> str:
     return f"merchants.{name}" if name.isidentifier() else f'merchants."{name}"'
@@ -98,7 +127,7 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
         fail("must be a table with url and secret")
     unknown = sorted(set(entry) - _ENTRY_KEYS)
     if unknown:
-        fail(f"unknown key {unknown[0]!r} (allowed: events, secret, secrets, url)")
+        fail(f"unknown key {unknown[0]!r} (allowed: allow_unbinding, events, secret, secrets, url)")
 
     url = entry.get("url")
     if not isinstance(url, str) or not url.strip():
@@ -134,8 +163,11 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
         if wrong:
             fail(f"events: unknown type {wrong[0]!r} (known: {', '.join(EVENT_TYPES)})")
         events = frozenset(listed)
+    allow_unbinding = entry.get("allow_unbinding", True)
+    if not isinstance(allow_unbinding, bool):
+        fail("allow_unbinding must be true or false")
     return Endpoint(name=name, url=url.strip(), secrets=tuple(secret.strip() for secret in given_secrets),
-                    events=events)
+                    events=events, allow_unbinding=allow_unbinding)
 
 
 def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE) -> MerchantRegistry:
@@ -190,6 +222,13 @@ def merchant_registry_from_settings(settings: Settings) -> MerchantRegistry:
             f"{MERCHANTS_FILE_VARIABLE}: required by the merchant-events worker (a TOML merchant registry)"
         )
     return load_merchant_registry(settings.merchants_file)
+
+
+def unbinding_policy_from_settings(settings: Settings) -> UnbindingPolicy:
+    """What the ingress answers ``consultUnbinding`` from: the registry's flags, or allow-all without one."""
+    if settings.merchants_file is None:
+        return ALLOW_EVERY_UNBINDING
+    return load_merchant_registry(settings.merchants_file).unbinding_policy()
 
 
 def generate_secret(size: int = 32) -> str:

@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from authnotify.errors import CommandError
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LISTEN_BACKLOG = 1024
+
+
+def listen(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """Binds now, so a port in use fails with one line before anything else starts."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    try:
+        return socket.create_server(address, family=family, backlog=backlog)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise CommandError(f"authnotify: cannot listen on {host}:{port} ({reason})") from None
 
 
 class Lifecycle:

@@ -1,4 +1,5 @@
-"""Every AMQP message authnotify sends is built here: notifications, merchant events, retries, dead letters.
+"""Every AMQP message authnotify sends is built here: notifications, merchant events, lifecycle commands,
+retries, dead letters.
 
 A message is its body and its AMQP properties (persistent, JSON, an id, our headers), built straight as the
 properties aiormq writes: an ``aio_pika.Message`` costs more than the publish it describes on the hot path.
@@ -7,12 +8,14 @@ A retry, a dead letter and a replay re-publish what was received, body and id un
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from aiormq import spec
 
+from authnotify.domain.commands import RefreshRequest, RevokeCommand
 from authnotify.domain.events import MerchantEvent
 from authnotify.messaging import headers as h
 
@@ -77,6 +80,17 @@ def event_message(event: MerchantEvent) -> OutgoingMessage:
         delivery_mode=PERSISTENT,
         headers={h.PROVIDER: event.data.provider, h.NOTIFY_TYPE: event.type, h.ATTEMPT: 1},
         message_id=event.id,
+    ))
+
+
+def command_message(command: RefreshRequest | RevokeCommand, *, kind: str) -> OutgoingMessage:
+    """A lifecycle command for its consumer queue; ``kind`` (the consumer's name) is what ``dlq list`` shows."""
+    message_id = command.commandId if isinstance(command, RevokeCommand) else f"rfr_{secrets.token_urlsafe(16)}"
+    return OutgoingMessage(command.to_json(), Properties(
+        content_type=h.JSON_CONTENT_TYPE,
+        delivery_mode=PERSISTENT,
+        headers={h.PROVIDER: command.provider, h.NOTIFY_TYPE: kind, h.RECEIVED_AT: h.utc_now_iso(), h.ATTEMPT: 1},
+        message_id=message_id,
     ))
 
 

@@ -3,9 +3,10 @@
 Wiring:
 
 * ``{ns}.notifications`` (topic) receives what the ingress publishes, routing key
-  ``{provider}.{authorizationNotifyType}``, and the merchant events the workers emit, routing key
-  ``event.{type}``. Its alternate exchange ``{ns}.unrouted`` (fanout) catches everything no queue takes
-  and keeps it in queue ``{ns}.unrouted``.
+  ``{provider}.{authorizationNotifyType}``, the merchant events the workers and the scheduler emit, routing
+  key ``event.{type}``, and the lifecycle commands, routing key ``command.{consumer}`` (a refresh request
+  from the scheduler or the API, a revocation from the CLI or the API). Its alternate exchange
+  ``{ns}.unrouted`` (fanout) catches everything no queue takes and keeps it in queue ``{ns}.unrouted``.
 * One consumer queue per worker, each with a dead-letter queue ``{ns}.{consumer}.dead``.
 * One delay queue per consumer and retry delay, ``{ns}.{consumer}.retry.{delay}``: a message waits there
   for the queue's TTL, then the broker dead-letters it back into the consumer queue. One queue per delay,
@@ -51,6 +52,8 @@ class Consumer(StrEnum):
     AUTHCODE_CREATED = "authcode-created"
     TOKEN_CREATED = "token-created"
     TOKEN_CANCELED = "token-canceled"
+    TOKEN_REFRESH = "token-refresh"
+    REVOCATIONS = "revocations"
     MERCHANT_EVENTS = "merchant-events"
 
 
@@ -63,6 +66,9 @@ NOTIFY_TYPE_OF_CONSUMER: dict[Consumer, str] = {
 }
 UNKNOWN_NOTIFY_TYPE = "unknown"
 EVENT_ROUTING_PREFIX = "event"
+COMMAND_ROUTING_PREFIX = "command"
+# The consumers that take commands rather than notifications or events.
+COMMAND_CONSUMERS: tuple[Consumer, ...] = (Consumer.TOKEN_REFRESH, Consumer.REVOCATIONS)
 
 # A message that kills its consumer over and over (it never gets far enough to be retried) is
 # dead-lettered by the broker after this many deliveries, instead of looping forever.
@@ -79,6 +85,19 @@ def notification_routing_key(provider: str, notify_type: str | None) -> str:
 
 def event_routing_key(event_type: str) -> str:
     return f"{EVENT_ROUTING_PREFIX}.{event_type}"
+
+
+def command_routing_key(consumer: Consumer) -> str:
+    return f"{COMMAND_ROUTING_PREFIX}.{consumer.value}"
+
+
+def binding_pattern(consumer: Consumer) -> str:
+    """What each consumer queue is bound to on the notifications exchange."""
+    if consumer is Consumer.MERCHANT_EVENTS:
+        return f"{EVENT_ROUTING_PREFIX}.#"
+    if consumer in COMMAND_CONSUMERS:
+        return command_routing_key(consumer)
+    return f"*.{NOTIFY_TYPE_OF_CONSUMER[consumer]}"
 
 
 def delay_label(seconds: float) -> str:
@@ -206,10 +225,7 @@ class Topology:
         ]
         for consumer in Consumer:
             queue = self.consumer_queue(consumer)
-            if consumer is Consumer.MERCHANT_EVENTS:
-                pattern = f"{EVENT_ROUTING_PREFIX}.#"
-            else:
-                pattern = f"*.{NOTIFY_TYPE_OF_CONSUMER[consumer]}"
+            pattern = binding_pattern(consumer)
             specs.append(QueueSpec(self.dead_letter_queue(consumer),
                                    self._queue_arguments(delivery_limit=KEEP_DELIVERY_LIMIT), added_later=kept))
             specs.append(

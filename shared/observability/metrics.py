@@ -44,6 +44,59 @@ APPLY_TOKEN_RESULTS = Counter(
     "applyToken outcomes by provider and result (S, F, U, http_error, timeout, connection_error, bad_signature, bad_response).",
     ["provider", "result"],
 )
+REVOKE_TOKEN_SECONDS = Histogram(
+    "authnotify_revoke_token_seconds",
+    "AMS revoke and Alipay+ cancelToken round trip to Alipay, by provider.",
+    ["provider"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+REVOKE_TOKEN_RESULTS = Counter(
+    "authnotify_revoke_token_results_total",
+    "AMS revoke and Alipay+ cancelToken outcomes by provider and result (as for applyToken).",
+    ["provider", "result"],
+)
+TOKEN_REFRESHES = Counter(
+    "authnotify_token_refreshes_total",
+    "What the token-refresh worker did with a request, by provider and outcome (refreshed, expired, retried, "
+    "skipped).",
+    ["provider", "outcome"],
+)
+REVOCATIONS = Counter(
+    "authnotify_revocations_total",
+    "What the revocations worker did with a command, by provider and outcome (canceled, already_invalid, "
+    "no_op, failed, retried).",
+    ["provider", "outcome"],
+)
+AUTHORIZATIONS = Gauge(
+    "authnotify_authorizations", "Stored authorizations by status (the scheduler counts them each pass).",
+    ["status"],
+)
+TOKENS_EXPIRING = Gauge(
+    "authnotify_tokens_expiring",
+    "Active authorizations whose access or refresh token expires within 24h or 7d (counted each pass).",
+    ["token", "within"],
+)
+SCHEDULER_LAG_SECONDS = Gauge(
+    "authnotify_scheduler_lag_seconds",
+    "Now minus the oldest due time of lifecycle work (refresh, expiry, warning) not yet published.",
+)
+SCHEDULER_PASS_SECONDS = Histogram(
+    "authnotify_scheduler_pass_seconds", "One scheduler pass: claiming, publishing and recording due work.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SCHEDULER_PUBLISHED = Counter(
+    "authnotify_scheduler_published_total",
+    "What the scheduler published, by kind (refresh, expiring) and outcome (published, failed).",
+    ["kind", "outcome"],
+)
+UNBINDING_CONSULTATIONS = Counter(
+    "authnotify_unbinding_consultations_total",
+    "Alipay+ consultUnbinding requests the ingress answered, by outcome (allowed, refused, or the resultCode).",
+    ["outcome"],
+)
+API_REQUESTS = Counter(
+    "authnotify_api_requests_total", "Internal API requests by route and HTTP status.", ["route", "status"],
+)
 MERCHANT_DELIVERIES = Counter(
     "authnotify_merchant_deliveries_total",
     "Merchant webhook deliveries by outcome (delivered, failed, filtered, no_endpoint).",

@@ -3,6 +3,11 @@
 The statement is fixed and prepared, on a plain asyncpg pool: through the SQLAlchemy async layer the same
 INSERT costs about ten times the CPU (greenlet hops, pool events, compilation), and ``token-created`` makes
 it for every notification. Everything else goes through SQLAlchemy.
+
+One statement does what the SQL store does in two: it claims each token in ``authorization_tokens`` (the
+primary key there decides "new": a token already held, even a superseded one, is not new), then inserts an
+authorization for each token it claimed. A single statement is one transaction, so neither exists without
+the other.
 """
 
 from __future__ import annotations
@@ -23,23 +28,30 @@ from authnotify.store.schema import authorizations
 POOL_SIZE = 4
 
 _GRANT_COLUMNS = (
+    ("authorization_id", "text"),
     ("access_token_fingerprint", "text"), ("provider", "text"), ("access_token_encrypted", "bytea"),
     ("refresh_token_encrypted", "bytea"), ("access_token_expires_at", "timestamptz"),
     ("refresh_token_expires_at", "timestamptz"), ("auth_client_id", "text"), ("reference_merchant_id", "text"),
     ("reference_agreement_id", "text"), ("customer_id", "text"), ("user_login_id", "text"), ("auth_state", "text"),
     ("scopes", "text"),
 )
+_NOW = f"${len(_GRANT_COLUMNS) + 1}"
 _INSERT_NEW_GRANTS = (
+    "WITH g AS (SELECT * FROM unnest("
+    + ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(_GRANT_COLUMNS, start=1))
+    + ") AS g(" + ", ".join(name for name, _ in _GRANT_COLUMNS) + ")), "
+    "claimed AS (INSERT INTO authorization_tokens "
+    "(access_token_fingerprint, provider, authorization_id, generation, recorded_at) "
+    f"SELECT g.access_token_fingerprint, g.provider, g.authorization_id, 0, {_NOW} FROM g "
+    "ORDER BY g.access_token_fingerprint, g.provider "  # key order: concurrent batches never deadlock
+    "ON CONFLICT (access_token_fingerprint, provider) DO NOTHING RETURNING authorization_id) "
     "INSERT INTO authorizations ("
     + ", ".join(name for name, _ in _GRANT_COLUMNS)
-    + ", status, created_at, updated_at, activated_at) SELECT "
+    + ", first_access_token_fingerprint, status, created_at, updated_at, activated_at) SELECT "
     + ", ".join(f"g.{name}::json" if name == "scopes" else f"g.{name}" for name, _ in _GRANT_COLUMNS)
-    + f", '{STATUS_ACTIVE}', ${len(_GRANT_COLUMNS) + 1}, ${len(_GRANT_COLUMNS) + 1}, ${len(_GRANT_COLUMNS) + 1}"
-    + " FROM unnest("
-    + ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(_GRANT_COLUMNS, start=1))
-    + ") AS g(" + ", ".join(name for name, _ in _GRANT_COLUMNS) + ")"
-    + " ORDER BY g.access_token_fingerprint, g.provider"  # key order: concurrent batches never deadlock
-    + " ON CONFLICT (access_token_fingerprint, provider) DO NOTHING RETURNING "
+    + f", g.access_token_fingerprint, '{STATUS_ACTIVE}', {_NOW}, {_NOW}, {_NOW}"
+    + " FROM g JOIN claimed ON claimed.authorization_id = g.authorization_id"
+    + " ORDER BY g.access_token_fingerprint, g.provider RETURNING "
     + ", ".join(column.name for column in authorizations.c)
 )
 

@@ -1,4 +1,5 @@
-"""A fake Alipay gateway serving ``applyToken`` for AMS (production and sandbox paths) and Alipay+.
+"""A fake Alipay gateway serving ``applyToken`` (auth codes and refresh tokens), AMS ``revoke`` and Alipay+
+``cancelToken``, for AMS (production and sandbox paths) and Alipay+.
 
 Used by the tests and by ``authnotify dev``. It behaves like the real gateway where authnotify can tell:
 it checks the content type, our ``Client-Id`` and our request signature (with our public key), validates
@@ -7,9 +8,15 @@ the body, and answers signed with the simulated Alipay's private key over
 ``resultStatus`` F), signed too.
 
 By default every auth code is exchanged for tokens derived by HMAC from the code and a secret: the same code
-always gives the same tokens, and nobody without the secret can guess them. Outcomes are scriptable per auth
-code or for every request (S, F with a code, U, an HTTP error status, a slow answer, a bad signature), for a
-number of calls or until reset. Calls are counted per auth code.
+always gives the same tokens, and nobody without the secret can guess them. A refresh token is exchanged
+the same way for a new pair (the same refresh token always gives the same pair, so a resent request gets
+the same answer); the new refresh token keeps the expiry time of the one it replaces. A revoked access
+token, and the refresh tokens issued with it, are refused afterwards (``INVALID_ACCESS_TOKEN``,
+``INVALID_REFRESH_TOKEN``). Token lifetimes are settable (``authnotify dev`` makes them seconds).
+
+Outcomes are scriptable per auth code, per operation (``code``, ``refresh``, ``revoke``) or for every request
+(S, F with a code, U, an HTTP error status, a slow answer, a bad signature), for a number of calls or until
+reset. Calls are counted per auth code, per refresh token and per revoked access token.
 """
 
 from __future__ import annotations
@@ -30,14 +37,18 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 
 from authnotify.alipay.client import (
     AMS_APPLY_TOKEN_PATH,
+    AMS_REVOKE_PATH,
     AMS_SANDBOX_APPLY_TOKEN_PATH,
+    AMS_SANDBOX_REVOKE_PATH,
     APS_APPLY_TOKEN_PATH,
+    APS_CANCEL_TOKEN_PATH,
     SANDBOX_CLIENT_PREFIX,
 )
 from authnotify.alipay.signature import sign_request_headers, verify_signature_header
 from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
 
 OutcomeKind = Literal["S", "F", "U", "http_error", "slow", "bad_signature"]
+Operation = Literal["code", "refresh", "revoke"]
 
 ACCESS_TOKEN_LIFETIME = timedelta(days=30)
 REFRESH_TOKEN_LIFETIME = timedelta(days=180)
@@ -107,17 +118,27 @@ class GatewayCall:
         value = self.body.get("authCode")
         return value if isinstance(value, str) else None
 
+    @property
+    def operation(self) -> Operation | None:
+        if "grantType" in self.body:
+            return "refresh" if self.grant_type == "REFRESH_TOKEN" else "code"
+        return "revoke" if "accessToken" in self.body else None
+
 
 @dataclass(frozen=True)
 class _Route:
     provider: str
     sandbox: bool
+    revoke: bool = False
 
 
 _ROUTES = {
     AMS_APPLY_TOKEN_PATH: _Route("ams", sandbox=False),
     AMS_SANDBOX_APPLY_TOKEN_PATH: _Route("ams", sandbox=True),
     APS_APPLY_TOKEN_PATH: _Route("aps", sandbox=False),
+    AMS_REVOKE_PATH: _Route("ams", sandbox=False, revoke=True),
+    AMS_SANDBOX_REVOKE_PATH: _Route("ams", sandbox=True, revoke=True),
+    APS_CANCEL_TOKEN_PATH: _Route("aps", sandbox=False, revoke=True),
 }
 
 
@@ -140,6 +161,8 @@ class AlipayGateway:
         aps_client_id: str | None = None,
         token_secret: bytes | None = None,
         key_version: str = "1",
+        access_token_lifetime: timedelta = ACCESS_TOKEN_LIFETIME,
+        refresh_token_lifetime: timedelta = REFRESH_TOKEN_LIFETIME,
     ) -> None:
         self._private_key = alipay_private_key
         self._client_keys = (
@@ -150,29 +173,43 @@ class AlipayGateway:
         self._client_ids = {"ams": ams_client_id, "aps": aps_client_id}
         self._secret = token_secret or os.urandom(32)
         self._key_version = key_version
+        self.access_token_lifetime = access_token_lifetime
+        self.refresh_token_lifetime = refresh_token_lifetime
         self._global_script: list[_Step] = []
         self._code_scripts: dict[str, list[_Step]] = {}
+        self._operation_scripts: dict[str, list[_Step]] = {}
         self._issued_at: dict[tuple[str, str], datetime] = {}
+        self._refresh_expiry: dict[str, datetime] = {}  # refresh tokens it issued -> their expiry
+        self._refresh_of: dict[str, str] = {}  # access token it issued -> the refresh token issued with it
+        self._revoked: set[str] = set()  # access tokens and refresh tokens no longer valid
         self.calls: Counter[str] = Counter()  # valid applyToken requests per auth code
+        self.refresh_calls: Counter[str] = Counter()  # valid refresh requests per refresh token
+        self.revoke_calls: Counter[str] = Counter()  # valid revoke/cancelToken requests per access token
         self.requests: list[GatewayCall] = []
         self._changed: asyncio.Condition | None = None
 
     # --- scripting ----------------------------------------------------------------------------
 
-    def script(self, outcome: Outcome, *, auth_code: str | None = None, times: int | None = None) -> None:
-        """Answer ``outcome`` to the next ``times`` valid requests (for ``auth_code`` only, if given).
+    def script(self, outcome: Outcome, *, auth_code: str | None = None, operation: Operation | None = None,
+               times: int | None = None) -> None:
+        """Answer ``outcome`` to the next ``times`` valid requests (for ``auth_code`` only, or ``operation``
+        only, if given).
 
-        Steps queue up in order; ``times=None`` means until :meth:`reset`. Per-code steps come first.
+        Steps queue up in order; ``times=None`` means until :meth:`reset`. Per-code steps come first, then
+        per-operation steps, then the steps for every request.
         """
         step = _Step(outcome, times)
-        if auth_code is None:
-            self._global_script.append(step)
-        else:
+        if auth_code is not None:
             self._code_scripts.setdefault(auth_code, []).append(step)
+        elif operation is not None:
+            self._operation_scripts.setdefault(operation, []).append(step)
+        else:
+            self._global_script.append(step)
 
     def reset(self) -> None:
         self._global_script.clear()
         self._code_scripts.clear()
+        self._operation_scripts.clear()
 
     @staticmethod
     def _take(steps: list[_Step]) -> Outcome | None:
@@ -186,9 +223,13 @@ class AlipayGateway:
             steps.pop(0)
         return None
 
-    def _next_outcome(self, auth_code: str | None) -> Outcome:
+    def _next_outcome(self, auth_code: str | None, operation: Operation) -> Outcome:
         if auth_code is not None and auth_code in self._code_scripts:
             outcome = self._take(self._code_scripts[auth_code])
+            if outcome is not None:
+                return outcome
+        if operation in self._operation_scripts:
+            outcome = self._take(self._operation_scripts[operation])
             if outcome is not None:
                 return outcome
         return self._take(self._global_script) or Outcome.success()
@@ -213,6 +254,14 @@ class AlipayGateway:
         """The (access, refresh) tokens this gateway issues for ``auth_code``: what S answers carry."""
         return self._derive(provider, "access", auth_code), self._derive(provider, "refresh", auth_code)
 
+    def refreshed_tokens_for(self, provider: str, refresh_token: str) -> tuple[str, str]:
+        """The (access, refresh) tokens this gateway issues for a refresh with ``refresh_token``."""
+        seed = f"refreshed:{refresh_token}"
+        return self._derive(provider, "access", seed), self._derive(provider, "refresh", seed)
+
+    def revoked(self, access_token: str) -> bool:
+        return access_token in self._revoked
+
     # --- serving ------------------------------------------------------------------------------
 
     def _derive(self, provider: str, purpose: str, value: str) -> str:
@@ -224,23 +273,28 @@ class AlipayGateway:
         return str(int.from_bytes(digest, "big"))[:length]
 
     def _success_body(self, provider: str, request_body: dict[str, Any]) -> dict[str, Any]:
+        now = datetime.now(UTC).astimezone(_ALIPAY_OFFSET)
         if request_body.get("grantType") == "REFRESH_TOKEN":
-            refresh_token = str(request_body["refreshToken"])
-            seed = f"refreshed:{refresh_token}"
-            access_token = self._derive(provider, "access", seed)
+            old_refresh_token = str(request_body["refreshToken"])
+            seed = f"refreshed:{old_refresh_token}"
+            access_token, refresh_token = self.refreshed_tokens_for(provider, old_refresh_token)
+            issued = self._issued_at.setdefault((provider, seed), now)
+            # The new refresh token lives as long as the one it replaces: a refresh never extends the authorization.
+            refresh_expiry = self._refresh_expiry.get(old_refresh_token, issued + self.refresh_token_lifetime)
         else:
             seed = str(request_body["authCode"])
             access_token, refresh_token = self.tokens_for(provider, seed)
-        issued = self._issued_at.setdefault(
-            (provider, seed), datetime.now(UTC).replace(microsecond=0).astimezone(_ALIPAY_OFFSET)
-        )
+            issued = self._issued_at.setdefault((provider, seed), now)
+            refresh_expiry = issued + self.refresh_token_lifetime
+        self._refresh_expiry.setdefault(refresh_token, refresh_expiry)
+        self._refresh_of.setdefault(access_token, refresh_token)
         customer_id = self._digits(provider, "customer", seed, 21)
         body: dict[str, Any] = {
             "result": {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"},
             "accessToken": access_token,
-            "accessTokenExpiryTime": (issued + ACCESS_TOKEN_LIFETIME).isoformat(),
+            "accessTokenExpiryTime": _alipay_time(min(issued + self.access_token_lifetime, refresh_expiry)),
             "refreshToken": refresh_token,
-            "refreshTokenExpiryTime": (issued + REFRESH_TOKEN_LIFETIME).isoformat(),
+            "refreshTokenExpiryTime": _alipay_time(refresh_expiry),
             "userLoginId": f"62-****{self._digits(provider, 'login', seed, 4)}",
         }
         if provider == "ams":
@@ -251,6 +305,24 @@ class AlipayGateway:
         else:
             body["customerId"] = customer_id
         return body
+
+    def _refusal_of_refresh(self, refresh_token: str) -> Outcome | None:
+        """An F for a refresh token it revoked or that expired; None when it may be used."""
+        if refresh_token in self._revoked:
+            return Outcome.failure("INVALID_REFRESH_TOKEN")
+        expiry = self._refresh_expiry.get(refresh_token)
+        if expiry is not None and expiry <= datetime.now(UTC):
+            return Outcome.failure("EXPIRED_REFRESH_TOKEN")
+        return None
+
+    def _revoke(self, access_token: str) -> Outcome:
+        if access_token in self._revoked:
+            return Outcome.failure("INVALID_ACCESS_TOKEN")
+        self._revoked.add(access_token)
+        refresh_token = self._refresh_of.get(access_token)
+        if refresh_token is not None:  # "the related refresh token cannot be used" after a revocation
+            self._revoked.add(refresh_token)
+        return Outcome.success()
 
     def _validate(self, route: _Route, request: web.Request, raw: bytes) -> dict[str, Any]:
         content_type = request.headers.get("Content-Type", "")
@@ -274,6 +346,15 @@ class AlipayGateway:
             raise _Refusal(200, "PARAM_ILLEGAL", "body is not JSON") from None
         if not isinstance(body, dict):
             raise _Refusal(200, "PARAM_ILLEGAL", "body is not a JSON object")
+        if route.revoke:
+            required = {"accessToken": 128}
+            if route.provider == "aps":
+                required["authClientId"] = 64
+            for name, max_length in required.items():
+                value = body.get(name)
+                if not isinstance(value, str) or not value or len(value) > max_length:
+                    raise _Refusal(200, "PARAM_ILLEGAL", f"illegal {name}")
+            return body
         grant_type = body.get("grantType")
         needed = {"AUTHORIZATION_CODE": "authCode", "REFRESH_TOKEN": "refreshToken"}.get(str(grant_type))
         if needed is None:
@@ -307,7 +388,7 @@ class AlipayGateway:
                 self.calls[counted_code] += 1
             self._condition().notify_all()
 
-    async def handle_apply_token(self, request: web.Request) -> web.StreamResponse:
+    async def handle_request(self, request: web.Request) -> web.StreamResponse:
         route = _ROUTES[request.path]
         raw = await request.read()
         client_id = request.headers.get("Client-Id") or ""
@@ -326,9 +407,22 @@ class AlipayGateway:
             result = {"resultCode": refusal.result_code, "resultStatus": "F", "resultMessage": str(refusal)}
             return self._respond(request.path, client_id, refusal.http_status, {"result": result})
 
-        auth_code = body.get("authCode") if body.get("grantType") == "AUTHORIZATION_CODE" else None
-        outcome = self._next_outcome(auth_code)
+        operation: Operation = ("revoke" if route.revoke
+                                else "refresh" if body.get("grantType") == "REFRESH_TOKEN" else "code")
+        auth_code = body.get("authCode") if operation == "code" else None
+        outcome = self._next_outcome(auth_code, operation)
+        if operation == "refresh" and outcome.kind in ("S", "slow", "bad_signature"):
+            outcome = self._refusal_of_refresh(str(body["refreshToken"])) or outcome
+        if operation == "revoke" and outcome.kind in ("S", "slow", "bad_signature"):
+            refused = self._revoke(str(body["accessToken"]))
+            outcome = refused if refused.kind == "F" else outcome
         await self._record(GatewayCall(route.provider, request.path, client_id, body, outcome.kind), auth_code)
+        async with self._condition():
+            if operation == "refresh":
+                self.refresh_calls[str(body["refreshToken"])] += 1
+            elif operation == "revoke":
+                self.revoke_calls[str(body["accessToken"])] += 1
+            self._condition().notify_all()
 
         if outcome.kind == "http_error":
             return web.Response(status=outcome.http_status, text="Internal Server Error")
@@ -338,14 +432,25 @@ class AlipayGateway:
             return self._respond(request.path, client_id, 200, {"result": result})
         if outcome.kind == "slow":
             await asyncio.sleep(outcome.delay_seconds)
-        return self._respond(request.path, client_id, 200, self._success_body(route.provider, body),
-                             corrupt_signature=outcome.kind == "bad_signature")
+        answer = (self._revoke_body() if route.revoke else self._success_body(route.provider, body))
+        return self._respond(request.path, client_id, 200, answer, corrupt_signature=outcome.kind == "bad_signature")
+
+    @staticmethod
+    def _revoke_body() -> dict[str, Any]:
+        return {"result": {"resultCode": "SUCCESS", "resultStatus": "S", "resultMessage": "success"}}
 
     def app(self) -> web.Application:
         application = web.Application()
         for path in _ROUTES:
-            application.router.add_post(path, self.handle_apply_token)
+            application.router.add_post(path, self.handle_request)
         return application
+
+
+def _alipay_time(moment: datetime) -> str:
+    """As Alipay writes times: +08:00, whole seconds (rounded up, so a token never expires early)."""
+    if moment.microsecond:
+        moment = moment.replace(microsecond=0) + timedelta(seconds=1)
+    return moment.astimezone(_ALIPAY_OFFSET).isoformat()
 
 
 @dataclass

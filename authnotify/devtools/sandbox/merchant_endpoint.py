@@ -127,7 +127,8 @@ class MerchantEndpoint:
             line = (
                 f"merchant endpoint <- {event.get('type')} {data.get('provider')} "
                 f"authorization {data.get('accessTokenFingerprint')} merchant {merchant} "
-                f"status {data.get('status')} (webhook-id {request.webhook_id}, answered {request.status})"
+                f"status {data.get('status')} id {data.get('authorizationId')} "
+                f"(webhook-id {request.webhook_id}, answered {request.status})"
             )
         except (orjson.JSONDecodeError, AttributeError):
             line = f"merchant endpoint <- unreadable body (webhook-id {request.webhook_id})"
