@@ -22,12 +22,20 @@ from authnotify.messaging.consumer import ConsumerSpec, DeliveryProcessor, Messa
 from authnotify.messaging.memory import InMemoryPublisher
 from authnotify.messaging.topology import Consumer, Topology, build_topology
 from authnotify.store.memory import InMemoryStore
-from authnotify.workers import authcode_created, merchant_events, token_canceled, token_created
+from authnotify.workers import (
+    authcode_created,
+    merchant_events,
+    revocations,
+    token_canceled,
+    token_created,
+    token_refresh,
+)
 from tests.fakes import FakeDelivery
 
 KEYS = st.sampled_from(["authorizationNotifyType", "accessToken", "authCode", "refreshToken", "result",
                         "resultStatus", "authClientId", "referenceMerchantId", "pspId", "acquirerId", "scopes",
-                        "tokenCancelSource", "id", "type", "data", "provider", "status"]) | st.text(max_size=12)
+                        "tokenCancelSource", "id", "type", "data", "provider", "status", "authorizationId",
+                        "commandId", "accessTokenFingerprint", "origin", "reason"]) | st.text(max_size=12)
 TYPES = st.sampled_from(["AUTHCODE_CREATED", "TOKEN_CREATED", "TOKEN_CANCELED", "authorization.activated", "x"])
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | TYPES
            | st.text(max_size=40) | st.text(min_size=100, max_size=300))
@@ -66,10 +74,19 @@ def specs() -> list[ConsumerSpec]:
     async def merchant(event: Any, context: MessageContext) -> Any:
         return await merchant_events.handle_merchant_event(event, context, registry=registry, http=None)  # type: ignore[arg-type]
 
+    async def refresh(request: Any, context: MessageContext) -> Any:
+        return await token_refresh.handle_refresh_request(request, context, store=store, alipay_clients={})
+
+    async def revoke(command: Any, context: MessageContext) -> Any:
+        return await revocations.handle_revoke_command(command, context, store=store, alipay_clients={},
+                                                       max_attempts=3)
+
     return [
         ConsumerSpec(Consumer.AUTHCODE_CREATED, authcode_created.parse_authcode_created, authcode),
         ConsumerSpec(Consumer.TOKEN_CREATED, token_created.parse_token_created, created),
         ConsumerSpec(Consumer.TOKEN_CANCELED, token_canceled.parse_token_canceled, canceled),
+        ConsumerSpec(Consumer.TOKEN_REFRESH, token_refresh.parse_refresh_request, refresh),
+        ConsumerSpec(Consumer.REVOCATIONS, revocations.parse_revoke_command, revoke),
         ConsumerSpec(Consumer.MERCHANT_EVENTS, merchant_events.parse_merchant_event, merchant),
     ]
 
@@ -128,5 +145,5 @@ def test_a_body_nested_990_deep_is_dead_lettered_with_its_reason_not_wedged(topo
     """The reproduction of issue 5: the reason code raised RecursionError and the message stayed unsettled."""
     deep = b'{"authorizationNotifyType":"TOKEN_CREATED","accessToken":"SECRET-990","a":' + b"[" * 990 + b"]" * 990 + b"}"
     results = settle(topology, deep, "aps", 1)
-    assert [delivery.settled for delivery, _ in results] == ["ack"] * 4
+    assert [delivery.settled for delivery, _ in results] == ["ack"] * len(Consumer)
     assert all(outcome is not None for _, outcome in results)

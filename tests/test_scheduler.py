@@ -87,6 +87,15 @@ async def test_a_database_outage_fails_the_pass_not_the_scheduler(offline_settin
     assert (await scheduler.run_pass()).refresh_requests == 1 and scheduler.database_ok
 
 
+def test_a_refresh_request_stays_pending_for_the_token_refresh_retries_alone(
+        offline_settings: Callable[..., Settings]) -> None:
+    """The pending window follows AUTHNOTIFY_RETRY_DELAYS_TOKEN_REFRESH, not another consumer's schedule."""
+    settings = offline_settings(retry_delays="1s", retry_delays_token_refresh="1m,10m",
+                                retry_delays_merchant_events="10h")
+    pending = schedule_of(settings, build_topology(settings)).pending
+    assert pending == timedelta(minutes=11) + timedelta(seconds=600)  # the retries, then the margin
+
+
 # --- the broker and the database going away under a running scheduler --------------------------------------
 
 
