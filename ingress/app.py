@@ -109,7 +109,7 @@ class NotificationEndpoint:
         self._log = log.bind()
 
     def _answer(self, outcome: Outcome, message_id: str, reason: str | None = None,
-                routing_key: str | None = None) -> web.Response:
+                routing_key: str | None = None, error: BaseException | None = None) -> web.Response:
         counter = self._received.get(outcome.code)
         if counter is None:
             counter = self._received[outcome.code] = NOTIFICATIONS_RECEIVED.labels(self.provider, outcome.code)
@@ -119,7 +119,7 @@ class NotificationEndpoint:
                            outcome=outcome.code, routing_key=routing_key)
         else:
             self._log.warning("notification", message_id=message_id, provider=self.provider,
-                              outcome=outcome.code, http_status=outcome.http_status, reason=reason)
+                              outcome=outcome.code, http_status=outcome.http_status, reason=reason, exc_info=error)
         headers = self._signer.headers(self.path, outcome) if self._signer else UNSIGNED_HEADERS
         return web.Response(body=outcome.body, status=outcome.http_status, headers=headers)
 
@@ -129,7 +129,7 @@ class NotificationEndpoint:
         try:
             return await self._check_and_publish(request, message_id)
         except Exception as exc:  # a bug or a dropped client: answer U (Alipay retries), never a bare 500
-            return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}")
+            return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}", error=exc)
 
     async def _check_and_publish(self, request: web.Request, message_id: str) -> web.Response:
         config = self._config

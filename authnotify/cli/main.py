@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
+from authnotify import __version__
 from authnotify.config import Settings, load_settings
+from authnotify.config.settings import unknown_variables
 from authnotify.config.values import positive_int
 from authnotify.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError, ConfigError
 from authnotify.messaging.topology import CONSUMER_NAMES
@@ -35,6 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="authnotify", description="Alipay authorization notification pipeline")
+    parser.add_argument("--version", action="version", version=f"authnotify {__version__}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     commands.add_parser("ingress", help="run the HTTP ingress")
@@ -91,13 +96,13 @@ def _run(coroutine_factory: Callable[[], Coroutine[Any, Any, int | None]]) -> in
 
 
 def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]) -> int:
-    from authnotify.observability.logging import configure_logging
+    from authnotify.observability.logging import LEVELS, configure_logging
 
     command = args.command
     if command == "simulate":
         from authnotify.devtools import simulate
 
-        configure_logging("console", level=logging.WARNING)
+        configure_logging("console", level=logging.WARNING, library_level=logging.CRITICAL + 1)
         return _run(lambda: simulate.run(args))
     if command == "dev":
         from authnotify.devtools import dev
@@ -105,8 +110,11 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
         return _run(lambda: dev.run(args))
 
     settings = settings_factory()
-    service = command in ("ingress", "worker")
-    configure_logging(settings.log_format, level=logging.INFO if service else logging.WARNING)
+    if command in ("ingress", "worker"):
+        configure_logging(settings.log_format, settings.log_level)
+    else:  # a one-shot command: its own warnings only, and one line when it fails (no library chatter)
+        configure_logging(settings.log_format, max(LEVELS[settings.log_level], logging.WARNING),
+                          library_level=logging.CRITICAL + 1)
 
     if command == "ingress":
         from authnotify.ingress.server import run_ingress
@@ -139,9 +147,16 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
     raise CommandError(f"unknown command {command}", EXIT_USAGE)  # pragma: no cover
 
 
+def _warn_unknown_variables() -> None:
+    for name, closest in unknown_variables(os.environ):
+        hint = f" (did you mean {closest}?)" if closest else ""
+        print(f"authnotify: warning: unknown variable {name}{hint}; it is ignored", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _warn_unknown_variables()
         code = _dispatch(args, load_settings)
     except CommandError as exc:
         print(str(exc), file=sys.stderr)

@@ -8,12 +8,15 @@ fails the start with one line naming the variable. The classes form one family o
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from dotenv import dotenv_values
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -155,6 +158,7 @@ class Settings(EnvironmentSettings):
     retry_delays: RetryDelays = (10.0, 60.0, 300.0, 1800.0, 7200.0)
     ingress_max_inflight: int = Field(default=1024, ge=1)
     log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
     def _provider_keys_complete(self) -> Settings:
@@ -219,6 +223,29 @@ def _describe(error: ValidationError) -> str:
     if loc:
         return f"{ENV_PREFIX}{str(loc[0]).upper()}: {message}"
     return message
+
+
+# Read by the test suite and its tools, never by a process: not unknown, not settings.
+RESERVED_PREFIXES = (f"{ENV_PREFIX}TEST_",)
+
+
+def known_variables() -> set[str]:
+    """Every ``AUTHNOTIFY_*`` name some member of the settings family reads."""
+    names: set[str] = set()
+    for settings_class in (Settings, DevSettings, SimulateSettings):
+        names |= {f"{ENV_PREFIX}{field.upper()}" for field in settings_class.model_fields}
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str], dotenv_path: Path = Path(".env")) -> list[tuple[str, str | None]]:
+    """The ``AUTHNOTIFY_*`` names in the environment or ``.env`` that no setting reads (a misspelling runs on
+    defaults silently otherwise), each with the closest known name, if one is close."""
+    names = {name for name in environ if name.startswith(ENV_PREFIX)}
+    if dotenv_path.is_file():
+        names |= {name for name in dotenv_values(dotenv_path) if name.startswith(ENV_PREFIX)}
+    known = known_variables()
+    unknown = sorted(name for name in names - known if not name.startswith(RESERVED_PREFIXES))
+    return [(name, next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)) for name in unknown]
 
 
 AnySettings = TypeVar("AnySettings", bound=EnvironmentSettings)

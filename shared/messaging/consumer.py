@@ -48,7 +48,7 @@ from authnotify.messaging.messages import (
 )
 from authnotify.messaging.publisher import Publisher
 from authnotify.messaging.topology import Consumer, Topology, event_routing_key
-from authnotify.observability.logging import get_logger
+from authnotify.observability.logging import get_logger, handling_body
 from authnotify.observability.metrics import BROKER_CONNECTED, MESSAGE_HANDLING_SECONDS, MESSAGES_PROCESSED
 from authnotify.observability.redaction import REDACTED, mask_secret_values
 
@@ -151,6 +151,7 @@ class Decision:
     outcome: Outcome
     reason: str | None = None
     events: list[MerchantEvent] = field(default_factory=list)
+    unexpected: BaseException | None = None  # not a PermanentError or TransientError: its traceback is logged
 
 
 async def decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_attempts: int) -> Decision:
@@ -166,9 +167,10 @@ async def decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_a
         return Decision(Outcome.DEAD_LETTERED, failure_reason(exc, body))
     except Exception as exc:  # TransientError and anything unexpected: retry while attempts remain
         reason = failure_reason(exc, body)
+        unexpected = None if isinstance(exc, TransientError) else exc
         if context.attempt < max_attempts:
-            return Decision(Outcome.RETRIED, reason)
-        return Decision(Outcome.DEAD_LETTERED, reason)
+            return Decision(Outcome.RETRIED, reason, unexpected=unexpected)
+        return Decision(Outcome.DEAD_LETTERED, reason, unexpected=unexpected)
     return Decision(Outcome.OK, None, list(events or ()))
 
 
@@ -222,7 +224,7 @@ class DeliveryProcessor:
         context = message_context(spec.consumer, delivery)
         with structlog.contextvars.bound_contextvars(
             message_id=context.message_id, consumer=queue_label, attempt=context.attempt
-        ):
+        ), handling_body(delivery.body):
             decision = await decide(spec, delivery.body, context, self.topology.max_attempts)
             try:
                 for follow_up in follow_ups(decision, delivery, context, self.topology):
@@ -243,8 +245,9 @@ class DeliveryProcessor:
             _processed(queue_label, decision.outcome.value).inc()
             if decision.outcome is Outcome.OK:
                 log.info("message_processed", outcome=decision.outcome.value, events=len(decision.events))
-            else:
-                log.warning("message_failed", outcome=decision.outcome.value, reason=decision.reason)
+            else:  # an unexpected error keeps its traceback (redacted like the rest of the line)
+                log.warning("message_failed", outcome=decision.outcome.value, reason=decision.reason,
+                            exc_info=decision.unexpected)
             return decision.outcome
 
 
