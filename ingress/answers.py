@@ -1,4 +1,4 @@
-"""What the ingress answers Alipay: the result codes of contract section 4 and our signed answer headers.
+"""What the ingress answers Alipay: the result codes (docs/ingress.md) and our signed answer headers.
 
 Every answer has the body ``{"result":{"resultCode":..,"resultStatus":..,"resultMessage":..}}``. Answers are
 signed like Alipay signs its requests (Alipay+ requires it for the SUCCESS answer; AMS accepts it). An RSA
@@ -36,7 +36,7 @@ class Outcome:
         object.__setattr__(self, "body", orjson.dumps({"result": result}))
 
 
-# resultMessage texts as the Alipay+ result code table words them (seed 002); SUCCESS as the contract has it.
+# resultMessage texts as Alipay+'s authNotify result code table words them; SUCCESS answers "success".
 SUCCESS = Outcome("SUCCESS", "S", 200, "success")
 INVALID_SIGNATURE = Outcome("INVALID_SIGNATURE", "F", 401, "The signature is invalid.")
 INVALID_CLIENT = Outcome("INVALID_CLIENT", "F", 401, "The client is invalid.")
@@ -56,7 +56,7 @@ UNKNOWN_EXCEPTION = Outcome(
 REQUEST_TRAFFIC_EXCEED_LIMIT = Outcome(
     "REQUEST_TRAFFIC_EXCEED_LIMIT", "U", 429, "The request traffic exceeds the limit."
 )
-# A provider whose client id is not configured has no endpoint (contract section 3: "off").
+# A provider whose client id is not configured has no endpoint: it is off (docs/configuration.md).
 NO_INTERFACE_DEF = Outcome("NO_INTERFACE_DEF", "F", 404, "API is not defined.")
 
 

@@ -1,9 +1,10 @@
 """The HTTP ingress (Alipay's notify paths): check, publish with confirms, and only then answer SUCCESS.
 
-Checks run in this order (method, content type, size, Client-Id, signature) and a request that fails one
-publishes nothing. An accepted body is published unchanged; its ``authorizationNotifyType`` only picks the
-routing key (anything unreadable goes to ``{provider}.unknown``, kept in ``{ns}.unrouted``). The answers
-and their HTTP statuses are in :mod:`authnotify.ingress.answers`.
+Checks run in this order (provider configured, method, content type, size, Client-Id, signature; then the
+in-flight limit) and a request that fails one publishes nothing (docs/ingress.md). An accepted body is
+published unchanged; its ``authorizationNotifyType`` only picks the routing key (anything unreadable goes to
+``{provider}.unknown``, kept in ``{ns}.unrouted``). The answers and their HTTP statuses are in
+:mod:`authnotify.ingress.answers`.
 """
 
 from __future__ import annotations

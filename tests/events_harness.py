@@ -166,7 +166,7 @@ def new_token_key() -> str:
 
 
 def aps_token_created(access_token: str, **fields: Any) -> dict[str, Any]:
-    """Seed 003's TOKEN_CREATED sample, with the given tokens and overrides (None removes a field)."""
+    """Alipay+'s documented TOKEN_CREATED sample, with the given tokens and overrides (None removes a field)."""
     body: dict[str, Any] = {
         "authorizationNotifyType": "TOKEN_CREATED",
         "authClientId": "218823863726123456789",

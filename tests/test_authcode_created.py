@@ -377,7 +377,7 @@ async def test_no_raw_auth_code_or_token_in_logs_reasons_or_events(
     captured = capsys.readouterr()
     text = "\n".join([captured.out, captured.err, caplog.text, event.body.decode(),
                       *(str(m.headers) for m in dead)])
-    assert "authcode_exchanged" in text and "message_failed" in text
+    assert '"code_exchange":"exchanged"' in text and "message_failed" in text
     secrets = [good, failed, unknown, *gateway.gateway.tokens_for("aps", good)]
     for secret in secrets:
         assert secret not in text

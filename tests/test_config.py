@@ -1,4 +1,4 @@
-"""Configuration (contract section 3): every bad value is refused with one line naming its variable."""
+"""Configuration (docs/configuration.md): every bad value is refused with one line naming its variable."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_a_client_id_without_its_keys_names_the_missing_key(environment: pytest.
         load_settings()
 
 
-def test_defaults_are_the_contract_defaults(environment: pytest.MonkeyPatch) -> None:
+def test_defaults_are_the_documented_defaults(environment: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.rabbitmq_url == "amqp://guest:guest@127.0.0.1:5672/"
     assert settings.database_url == "sqlite+aiosqlite:///authnotify.db"

@@ -1,4 +1,4 @@
-"""deploy/: the container image, the compose file and the Kubernetes manifests (contract section 8).
+"""deploy/: the container image, the compose file and the Kubernetes manifests (docs/deployment.md).
 
 No Docker engine or kubectl here: the kustomizations are rendered by a small loader that follows what they
 use (resources, namespace, labels, images, generators, strategic-merge patches), every built-in object is

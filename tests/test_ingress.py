@@ -1,4 +1,4 @@
-"""The ingress against the real broker: the status table of contract section 4, row by row, both providers."""
+"""The ingress against the real broker: the status table of docs/ingress.md, row by row, both providers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Merchant events (contract section 6): the registry, signed delivery, routing, filters, retries, dead letters."""
+"""Merchant events (docs/events.md): the registry, signed delivery, routing, filters, retries, dead letters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""No raw access token, refresh token or auth code leaves the pipeline (contract section 5).
+"""No raw access token, refresh token or auth code leaves the pipeline (docs/operations.md).
 
 A full flow runs through ``authnotify worker`` (all four consumers, a real subprocess, JSON logs captured):
 token notifications of both providers, auth codes exchanged at the sandbox Alipay gateway, a cancellation,

@@ -107,7 +107,7 @@ async def test_token_created_for_both_providers_is_acknowledged_and_queued(
     aps = [b for b in bodies if "pspId" in b]
     ams = [b for b in bodies if "result" in b]
     assert len(aps) == 2 and len(ams) == 2
-    for body in aps:  # the fields Alipay+ requires on TOKEN_CREATED (seed 002)
+    for body in aps:  # the fields Alipay+ requires on TOKEN_CREATED
         assert {"authClientId", "referenceMerchantId", "referenceAgreementId", "accessToken", "acquirerId",
                 "walletForAccountBinding"} <= set(body)
         assert len(body["referenceMerchantId"]) <= 32

@@ -1,4 +1,4 @@
-"""The token-canceled worker (contract sections 1, 5): canceled stays canceled, the merchant hears it once."""
+"""The token-canceled worker (docs/queues.md): canceled stays canceled, the merchant hears it once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The token-created worker (contract sections 1, 5): tokens stored once, one ``authorization.activated``."""
+"""The token-created worker (docs/queues.md): tokens stored once, one ``authorization.activated``."""
 
 from __future__ import annotations
 

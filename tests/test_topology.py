@@ -1,4 +1,4 @@
-"""The topology as declared on the real broker (contract section 5), for both queue types: where each routing
+"""The topology as declared on the real broker (docs/queues.md), for both queue types: where each routing
 key lands, how a retry queue hands a message back, and that the broker's own dead-lettering keeps it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A worker killed mid-batch loses nothing and applies nothing twice (contract sections 5, 8).
+"""A worker killed mid-batch loses nothing and applies nothing twice (docs/queues.md, docs/deployment.md).
 
 ``authnotify worker token-created`` runs as a real subprocess; it is SIGKILLed while it holds messages
 (no drain, no acks for what it held), then started again. Every authorization is stored exactly once and

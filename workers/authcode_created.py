@@ -33,7 +33,7 @@ from authnotify.domain.events import MerchantEvent, activation_events
 from authnotify.errors import PermanentError, TransientError
 from authnotify.messaging.consumer import ConsumerSpec, MessageContext
 from authnotify.messaging.topology import Consumer
-from authnotify.observability.logging import get_logger
+from authnotify.observability.logging import annotate, get_logger
 from authnotify.store import AuthorizationStore
 from authnotify.workers.resources import Resources
 
@@ -111,9 +111,8 @@ async def _already_exchanged(
     store: AuthorizationStore, notification: AuthCodeCreated, context: MessageContext, existing: AuthorizationData
 ) -> list[MerchantEvent]:
     """The code was exchanged before: no second applyToken, events as the store's rules say."""
-    log.info("authcode_already_exchanged", provider=existing.provider,
-             fingerprint=existing.accessTokenFingerprint, status=existing.status,
-             possibly_seen_before=context.possibly_seen_before)
+    annotate(code_exchange="already exchanged", provider=existing.provider,
+             fingerprint=existing.accessTokenFingerprint, status=existing.status)
     if not context.possibly_seen_before:
         # A fresh copy (Alipay's redelivery): the message that exchanged the code emitted the event.
         return []
@@ -171,13 +170,8 @@ async def handle_authcode_created(
         transition = await store.record_code_exchange(provider, auth_code, token_grant(notification, result))
     events = activation_events(transition, possibly_seen_before=context.possibly_seen_before)
     authorization = transition.authorization
-    log.info(
-        "authcode_exchanged",
-        provider=provider,
-        fingerprint=authorization.accessTokenFingerprint,
-        status=authorization.status,
-        events=[event.type for event in events],
-    )
+    annotate(code_exchange="exchanged", provider=provider, fingerprint=authorization.accessTokenFingerprint,
+             status=authorization.status, emitted=[event.type for event in events])
     return events
 
 

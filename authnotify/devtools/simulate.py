@@ -1,4 +1,4 @@
-"""``authnotify simulate``: plays Alipay against a running ingress (contract section 9).
+"""``authnotify simulate``: plays Alipay against a running ingress (docs/commands.md).
 
 It sends notifications signed as Alipay signs them (RSA256 over ``POST <path>\\n<Client-Id>.<Request-Time>.<body>``)
 with the simulated Alipay's private key from ``.authnotify/`` (made by ``authnotify dev``) or a key given by
@@ -15,8 +15,8 @@ Scenarios (``--provider`` chooses AMS, Alipay+ or both; ``--count`` repeats per 
   come long after the activation.
 * ``authcode-created``, ``token-created``, ``token-canceled``: one type.
 * ``duplicates``: the same notification ``--repeat`` times (fresh Request-Time and signature each time).
-* ``retry-pattern``: the same notification on Alipay's schedule (seed 001: 0s, 2min, 10min, 10min, 1h, 2h,
-  6h, 15h), divided by ``--time-scale``; ``--stop-on-success`` stops at the first S as Alipay does.
+* ``retry-pattern``: the same notification on Alipay's retry schedule (0s, 2min, 10min, 10min, 1h, 2h, 6h,
+  15h), divided by ``--time-scale``; ``--stop-on-success`` stops at the first S as Alipay does.
 """
 
 from __future__ import annotations
@@ -37,18 +37,18 @@ from pathlib import Path
 from typing import Any
 
 from authnotify.alipay.notifications import NOTIFY_PATHS, NOTIFY_TYPES
-from authnotify.config import SimulateSettings, load
+from authnotify.config import DevSettings, SimulateSettings, load
 from authnotify.config.values import non_negative_float, positive_float, positive_int
 from authnotify.devtools.devkeys import DEFAULT_DEV_DIR
 from authnotify.errors import EXIT_FAILURE, EXIT_OK, CommandError, ConfigError
 
-RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 54000.0)  # seed 001
+RETRY_SCHEDULE_SECONDS = (0.0, 120.0, 600.0, 600.0, 3600.0, 7200.0, 21600.0, 54000.0)  # Alipay's retry schedule
 SCENARIOS = ("lifecycle", "authcode-created", "token-created", "token-canceled", "duplicates", "retry-pattern")
 DEFAULT_URL = "http://127.0.0.1:8080"
 ACTIVATION_WAIT_SECONDS = 30.0
 _ALIPAY_OFFSET = timezone(timedelta(hours=8))
 
-# The merchant ids the Alipay+ samples use (seed 003): auth client and reference merchant.
+# The merchant ids of Alipay+'s authNotify samples: auth client and reference merchant.
 APS_AUTH_CLIENT_ID = "218823863726123456789"
 APS_REFERENCE_MERCHANT_ID = "218823863726123456780"
 APS_ACQUIRER_ID = "1021234567891230001"
@@ -58,8 +58,8 @@ APS_PSP_ID = "1021234567891230002"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", nargs="?", default="lifecycle", choices=SCENARIOS,
                         help="what to send (default: lifecycle)")
-    parser.add_argument("--url", help="the ingress base URL (default: the running `authnotify dev`'s, "
-                                      f"else $AUTHNOTIFY_SIMULATE_URL, else {DEFAULT_URL})")
+    parser.add_argument("--url", help="the ingress base URL (default: $AUTHNOTIFY_SIMULATE_URL, else the "
+                                      f"running `authnotify dev`'s, else {DEFAULT_URL})")
     parser.add_argument("--provider", choices=("ams", "aps", "both"), default="both")
     parser.add_argument("--count", type=positive_int, default=1,
                         help="notifications (lifecycles) per provider (default 1)")
@@ -83,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-version", default="1", help="keyVersion in the Signature header (default 1)")
     parser.add_argument("--timeout", type=positive_float, default=10.0,
                         help="seconds to wait for each answer (default 10)")
-    parser.add_argument("--dev-dir", default=DEFAULT_DEV_DIR, type=Path,
-                        help="where `authnotify dev` keeps its keys (default .authnotify)")
+    parser.add_argument("--dev-dir", type=Path,
+                        help="where `authnotify dev` keeps its keys (default: $AUTHNOTIFY_DEV_DIR, else "
+                             f"{DEFAULT_DEV_DIR})")
     parser.add_argument("--ams-client-id", help="Client-Id for AMS (default: $AUTHNOTIFY_AMS_CLIENT_ID, else dev's)")
     parser.add_argument("--aps-client-id", help="Client-Id for Alipay+ (default: $AUTHNOTIFY_APS_CLIENT_ID, else dev's)")
     parser.add_argument("--alipay-private-key", metavar="KEY",
@@ -122,7 +123,7 @@ class Authorization:
 
 
 class NotificationFactory:
-    """Bodies shaped like the seeds' samples, with values unique to this run."""
+    """Bodies shaped like Alipay's documented samples, with values unique to this run."""
 
     def __init__(self, tokens_for_code: Callable[[str, str], str] | None) -> None:
         self.run_id = secrets.token_hex(4).upper()
@@ -236,6 +237,8 @@ def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity
 
     try:
         env = load(SimulateSettings)
+        if args.dev_dir is None:
+            args.dev_dir = load(DevSettings).dev_dir
     except ConfigError as exc:
         raise CommandError(f"authnotify simulate: configuration: {exc}") from None
     try:

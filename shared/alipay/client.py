@@ -1,4 +1,4 @@
-"""The client side of Alipay's ``applyToken`` (contract section 5), for AMS and Alipay+.
+"""The client side of Alipay's ``applyToken``, for AMS and Alipay+ (docs/queues.md, docs/troubleshooting.md).
 
 One :class:`AlipayClient` per configured provider, sharing the process's aiohttp session. It signs the
 request with our private key and verifies the response's signature with Alipay's public keys before a
@@ -30,7 +30,7 @@ from authnotify.observability.metrics import APPLY_TOKEN_RESULTS, APPLY_TOKEN_SE
 
 log = get_logger("authnotify.alipay")
 
-APPLY_TOKEN_TIMEOUT_SECONDS = 5.0  # contract section 5; Alipay's recommended client timeout too
+APPLY_TOKEN_TIMEOUT_SECONDS = 5.0  # Alipay's recommended client timeout
 SANDBOX_CLIENT_PREFIX = "SANDBOX_"
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
 MAX_RESPONSE_BYTES = 256 * 1024  # a token answer is a few hundred bytes; refuse to buffer a runaway body

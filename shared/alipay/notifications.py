@@ -32,7 +32,7 @@ class InvalidNotification(PermanentError):
     """The body breaks a field rule; the message is the dead-letter reason (never a secret value)."""
 
 
-# Strings with the seeds' maximum lengths.
+# Strings with Alipay's maximum lengths.
 String32 = Annotated[StrictStr, Field(max_length=32)]
 String64 = Annotated[StrictStr, Field(max_length=64)]
 String128 = Annotated[StrictStr, Field(max_length=128)]
@@ -50,7 +50,7 @@ class Result(_Model):
     resultMessage: String256 | None = None
 
 
-# --- AMS notifyAuthorization (seed 001) -----------------------------------------------------------
+# --- AMS notifyAuthorization (Alipay's notifyAuthorization reference) -----------------------------
 
 
 class AmsNotification(_Model):
@@ -68,7 +68,7 @@ class AmsNotification(_Model):
     @field_validator("result")
     @classmethod
     def _successful(cls, result: Result) -> Result:
-        # Alipay notifies only successful authorizations and cancellations (seed 001).
+        # Alipay notifies only successful authorizations and cancellations.
         if result.resultStatus != "S":
             raise ValueError(f"result.resultStatus is {result.resultStatus}, not S")
         return result
@@ -89,7 +89,7 @@ class AmsTokenCanceled(AmsNotification):
     accessToken: String128
 
 
-# --- Alipay+ authNotify (seed 002) ----------------------------------------------------------------
+# --- Alipay+ authNotify (Alipay+'s authNotify reference) -------------------------------------------
 
 
 class WalletLogo(_Model):

@@ -2,8 +2,9 @@
 
 Every process builds its settings through :func:`load`; nothing else reads ``os.environ``. A bad value
 fails the start with one line naming the variable. The classes form one family over
-:class:`EnvironmentSettings`: :class:`Settings` holds the contract's variables, :class:`DevSettings` and
-:class:`SimulateSettings` the developer tools' own ``AUTHNOTIFY_DEV_*`` and ``AUTHNOTIFY_SIMULATE_*``.
+:class:`EnvironmentSettings`: :class:`Settings` holds the variables of docs/configuration.md,
+:class:`DevSettings` and :class:`SimulateSettings` the developer tools' own ``AUTHNOTIFY_DEV_*`` and
+``AUTHNOTIFY_SIMULATE_*``.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class EnvironmentSettings(BaseSettings):
 
 
 class Settings(EnvironmentSettings):
-    """The contract's configuration: what the services and the operator commands run with."""
+    """The configuration the services and the operator commands run with (docs/configuration.md)."""
 
     rabbitmq_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", pattern=r"^amqps?://")
     database_url: str = Field(

@@ -1,4 +1,4 @@
-"""The merchant webhook registry (contract section 6): which endpoint receives which event.
+"""The merchant webhook registry (docs/events.md): which endpoint receives which event.
 
 ``AUTHNOTIFY_MERCHANTS_FILE`` is TOML::
 

@@ -1,4 +1,4 @@
-"""The AMQP headers authnotify reads and writes on its messages (its own design, not part of the contract).
+"""The AMQP headers authnotify reads and writes on its messages (its own design, internal; docs/queues.md).
 
 The body of a notification message is always the raw request body Alipay sent, byte for byte; everything
 else about a message travels in these headers so retries, dead-lettering and replay never touch the body.

@@ -1,4 +1,4 @@
-"""Every exchange, queue, binding and retry queue, declared as data in one place (contract section 5).
+"""Every exchange, queue, binding and retry queue, declared as data in one place (docs/queues.md).
 
 Wiring:
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (contract section 7). Labels never carry tokens, codes or ids: only bounded sets."""
+"""Prometheus metrics (docs/operations.md). Labels never carry tokens, codes or ids: only bounded sets."""
 
 from __future__ import annotations
 

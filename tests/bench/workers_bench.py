@@ -192,7 +192,7 @@ async def _terminate(process: asyncio.subprocess.Process) -> None:
 
 
 def aps_token_created(access_token: str) -> bytes:
-    """Seed 003's Alipay+ TOKEN_CREATED: two tokens to encrypt, expiries, scopes, the customer."""
+    """Alipay+'s documented TOKEN_CREATED sample: two tokens to encrypt, expiries, scopes, the customer."""
     return orjson.dumps({
         "authorizationNotifyType": "TOKEN_CREATED",
         "authClientId": "218823863726123456789",
