@@ -53,6 +53,9 @@ PARAM_ILLEGAL = Outcome("PARAM_ILLEGAL", "F", 413, "Illegal parameters: the body
 UNKNOWN_EXCEPTION = Outcome(
     "UNKNOWN_EXCEPTION", "U", 503, "An API call failed, which is caused by unknown reasons."
 )
+# A body that does not arrive within AUTHNOTIFY_INGRESS_BODY_TIMEOUT: not refused for what it says, only
+# not received, so U (Alipay retries) with the standard HTTP status for it; same body as UNKNOWN_EXCEPTION.
+BODY_TIMEOUT = Outcome("UNKNOWN_EXCEPTION", "U", 408, UNKNOWN_EXCEPTION.message)
 REQUEST_TRAFFIC_EXCEED_LIMIT = Outcome(
     "REQUEST_TRAFFIC_EXCEED_LIMIT", "U", 429, "The request traffic exceeds the limit."
 )

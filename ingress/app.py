@@ -1,10 +1,12 @@
 """The HTTP ingress (Alipay's notify paths): check, publish with confirms, and only then answer SUCCESS.
 
-Checks run in this order (provider configured, method, content type, size, Client-Id, signature; then the
-in-flight limit) and a request that fails one publishes nothing (docs/ingress.md). An accepted body is
-published unchanged; its ``authorizationNotifyType`` only picks the routing key (anything unreadable goes to
-``{provider}.unknown``, kept in ``{ns}.unrouted``). The answers and their HTTP statuses are in
-:mod:`authnotify.ingress.answers`.
+Every request on a notify path goes through the one check pipeline (:mod:`authnotify.ingress.checks`:
+method, content type, size, Client-Id, Request-Time window, body within its time and the memory budget,
+signature); a request that fails a check publishes nothing. An accepted body is published unchanged; its
+``authorizationNotifyType`` only picks the routing key (anything unreadable goes to ``{provider}.unknown``,
+kept in ``{ns}.unrouted``). The answers and their HTTP statuses are in :mod:`authnotify.ingress.answers`.
+This listener serves the notify paths, ``/healthz`` and ``/readyz`` (docs/ingress.md); ``/metrics`` has a listener of its own
+(``AUTHNOTIFY_METRICS_PORT``), so Alipay's side never sees it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 
 from authnotify.alipay.notifications import NOTIFY_PATHS
-from authnotify.alipay.signature import verify_signature_header
 from authnotify.config import PROVIDERS, ProviderConfig, Settings
 from authnotify.errors import PublishFailed
 from authnotify.ingress.answers import (
-    INVALID_CLIENT,
-    INVALID_SIGNATURE,
-    MEDIA_TYPE_NOT_ACCEPTABLE,
-    METHOD_NOT_SUPPORTED,
     NO_INTERFACE_DEF,
-    PARAM_ILLEGAL,
     REQUEST_TRAFFIC_EXCEED_LIMIT,
     SUCCESS,
     UNKNOWN_EXCEPTION,
@@ -34,17 +29,22 @@ from authnotify.ingress.answers import (
     AnswerSigner,
     Outcome,
 )
+from authnotify.ingress.checks import MAX_BODY_BYTES, BodyBudget, Refused, RequestChecks
 from authnotify.messaging.connection import Broker
 from authnotify.messaging.health import add_health_routes
 from authnotify.messaging.messages import notification_message
 from authnotify.messaging.publisher import ConfirmedPublisher, Publisher
 from authnotify.messaging.topology import build_topology, notification_routing_key
 from authnotify.observability.logging import get_logger
-from authnotify.observability.metrics import BROKER_CONNECTED, INGRESS_INFLIGHT, NOTIFICATIONS_RECEIVED
+from authnotify.observability.metrics import (
+    BROKER_CONNECTED,
+    INGRESS_BODY_BYTES_HELD,
+    INGRESS_INFLIGHT,
+    NOTIFICATIONS_RECEIVED,
+)
 
 log = get_logger("authnotify.ingress")
 
-MAX_BODY_BYTES = 64 * 1024
 # Alipay+ gives up on an answer after 5 s and no answer may take longer: the confirm wait leaves room for
 # reading the request and writing the answer.
 CONFIRM_TIMEOUT_SECONDS = 4.5
@@ -70,6 +70,7 @@ class InflightLimit:
 
 PUBLISHER_KEY = web.AppKey("publisher", Publisher)
 INFLIGHT_KEY = web.AppKey("inflight", InflightLimit)
+BODY_BUDGET_KEY = web.AppKey("body_budget", BodyBudget)
 
 
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
@@ -94,13 +95,13 @@ def _notify_type(body: bytes) -> str | None:
 
 
 class NotificationEndpoint:
-    """One provider's notify path; ``config`` is None when the provider is off (no client id)."""
+    """One provider's notify path; ``checks`` is None when the provider is off (no client id)."""
 
-    def __init__(self, provider: str, path: str, config: ProviderConfig | None, publisher: Publisher,
-                 exchange: str, inflight: InflightLimit) -> None:
+    def __init__(self, provider: str, path: str, config: ProviderConfig | None, checks: RequestChecks | None,
+                 publisher: Publisher, exchange: str, inflight: InflightLimit) -> None:
         self.provider = provider
         self.path = path
-        self._config = config
+        self._checks = checks
         self._publisher = publisher
         self._exchange = exchange
         self._inflight = inflight
@@ -110,7 +111,8 @@ class NotificationEndpoint:
         self._log = log.bind()
 
     def _answer(self, outcome: Outcome, message_id: str, reason: str | None = None,
-                routing_key: str | None = None, error: BaseException | None = None) -> web.Response:
+                routing_key: str | None = None, close_connection: bool = False,
+                error: BaseException | None = None) -> web.Response:
         counter = self._received.get(outcome.code)
         if counter is None:
             counter = self._received[outcome.code] = NOTIFICATIONS_RECEIVED.labels(self.provider, outcome.code)
@@ -122,44 +124,26 @@ class NotificationEndpoint:
             self._log.warning("notification", message_id=message_id, provider=self.provider,
                               outcome=outcome.code, http_status=outcome.http_status, reason=reason, exc_info=error)
         headers = self._signer.headers(self.path, outcome) if self._signer else UNSIGNED_HEADERS
-        return web.Response(body=outcome.body, status=outcome.http_status, headers=headers)
+        response = web.Response(body=outcome.body, status=outcome.http_status, headers=headers)
+        if close_connection:  # an unread or cut-off body: the connection cannot carry another request
+            response.force_close()
+        return response
 
     async def handle(self, request: web.Request) -> web.Response:
         # Every request gets the id its message would carry, so each log line names one.
         message_id = new_message_id()
         try:
             return await self._check_and_publish(request, message_id)
+        except Refused as refused:
+            return self._answer(refused.outcome, message_id, refused.reason, close_connection=refused.close_connection)
         except Exception as exc:  # a bug or a dropped client: answer U (Alipay retries), never a bare 500
-            return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}", error=exc)
+            return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}",
+                                close_connection=True, error=exc)
 
     async def _check_and_publish(self, request: web.Request, message_id: str) -> web.Response:
-        config = self._config
-        if config is None:
+        if self._checks is None:
             return self._answer(NO_INTERFACE_DEF, message_id, "provider not configured")
-        if request.method != "POST":
-            return self._answer(METHOD_NOT_SUPPORTED, message_id, request.method[:16])
-        if request.content_type.lower() != "application/json":
-            return self._answer(MEDIA_TYPE_NOT_ACCEPTABLE, message_id, request.content_type[:64])
-        length = request.content_length
-        if length is not None and length > MAX_BODY_BYTES:
-            return self._answer(PARAM_ILLEGAL, message_id, f"Content-Length {length}")
-        try:
-            body = await request.read()  # the app's client_max_size stops a longer body being read
-        except HTTPRequestEntityTooLarge:
-            return self._answer(PARAM_ILLEGAL, message_id, "body over 64 KiB")
-
-        headers = request.headers
-        client_id = headers.get("Client-Id")
-        if client_id != config.client_id:
-            return self._answer(INVALID_CLIENT, message_id,
-                                "missing Client-Id" if client_id is None else "unknown Client-Id")
-        request_time = headers.get("Request-Time")
-        if not request_time or not verify_signature_header(
-            config.alipay_public_keys, headers.get("Signature"), method="POST", path=self.path,
-            client_id=client_id, time=request_time, body=body,
-        ):
-            return self._answer(INVALID_SIGNATURE, message_id,
-                                "missing Request-Time" if not request_time else "signature does not verify")
+        body = (await self._checks.verify(request)).body
 
         routing_key = notification_routing_key(self.provider, _notify_type(body))
         if not self._inflight.try_acquire():
@@ -176,7 +160,7 @@ class NotificationEndpoint:
 
 
 def create_app(settings: Settings, *, broker: Broker | None = None,
-               publisher: Publisher | None = None) -> web.Application:
+               publisher: Publisher | None = None, body_budget: BodyBudget | None = None) -> web.Application:
     """The ingress application.
 
     By default it opens its own broker connection and confirmed publisher, and closes them on cleanup.
@@ -188,17 +172,23 @@ def create_app(settings: Settings, *, broker: Broker | None = None,
     owned_broker: Broker | None = None
     if publisher is None:
         if broker is None:
-            broker = owned_broker = Broker(settings.rabbitmq_url, topology, connection_name="authnotify-ingress")
+            broker = owned_broker = Broker(settings.broker_url(), topology, connection_name="authnotify-ingress")
         publisher = owned = ConfirmedPublisher(broker, name="ingress", confirm_timeout=CONFIRM_TIMEOUT_SECONDS)
     inflight = InflightLimit(settings.ingress_max_inflight)
+    budget = body_budget or BodyBudget()
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[PUBLISHER_KEY] = publisher
     app[INFLIGHT_KEY] = inflight
+    app[BODY_BUDGET_KEY] = budget
     for provider in PROVIDERS:
         path = NOTIFY_PATHS[provider]
+        config = settings.provider(provider)
+        checks = None if config is None else RequestChecks(
+            path, config, budget, body_timeout=settings.ingress_body_timeout,
+            request_time_tolerance=settings.request_time_tolerance)
         # Every method reaches the endpoint so a wrong one gets our 405 body, not aiohttp's.
-        endpoint = NotificationEndpoint(provider, path, settings.provider(provider), publisher,
+        endpoint = NotificationEndpoint(provider, path, config, checks, publisher,
                                         topology.notifications_exchange, inflight)
         app.router.add_route("*", path, endpoint.handle)
     ready_publisher = publisher
@@ -206,6 +196,7 @@ def create_app(settings: Settings, *, broker: Broker | None = None,
 
     # Read at scrape time rather than updated on every request.
     INGRESS_INFLIGHT.set_function(lambda: inflight.current)
+    INGRESS_BODY_BYTES_HELD.set_function(lambda: budget.held)
     BROKER_CONNECTED.set_function(lambda: 1.0 if ready_publisher.ready else 0.0)
 
     if owned is not None:

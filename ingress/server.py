@@ -1,29 +1,41 @@
 """``authnotify ingress``: serve the notify paths until SIGTERM or SIGINT, then drain and exit 0.
 
 On a stop signal the listener closes first, the requests in flight are answered (each publish is bounded
-by its confirm timeout), and only then the broker channel and connection close.
+by its confirm timeout), and only then the broker channel and connection close. ``/metrics`` is served on
+``AUTHNOTIFY_METRICS_PORT``, a listener of its own that Alipay's side never reaches.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import resource
 import socket
 
 from aiohttp import web
 
 from authnotify.alipay.notifications import NOTIFY_PATHS
-from authnotify.config import PROVIDERS, Settings
-from authnotify.errors import EXIT_OK, EXIT_USAGE, CommandError
+from authnotify.config import Need, Settings, check_needs
+from authnotify.errors import EXIT_OK, CommandError
 from authnotify.ingress.app import INFLIGHT_KEY, create_app
+from authnotify.messaging.health import HealthServer
 from authnotify.messaging.lifecycle import Lifecycle
 from authnotify.observability.logging import get_logger
 
 log = get_logger("authnotify.ingress")
 
+# What the ingress reads of the configuration: no database, no token keys, no merchant registry.
+INGRESS_NEEDS = frozenset({Need.BROKER, Need.ALIPAY_KEYS})
+
 # In-flight publishes give up after their confirm timeout, so a drain never needs longer than this.
 DRAIN_TIMEOUT_SECONDS = 10.0
-LISTEN_BACKLOG = 1024
+LISTEN_BACKLOG = 4096
+# An idle connection (also one that never finishes its headers) is closed after this; aiohttp's own default
+# is an hour, which lets idle connections pile up.
+KEEPALIVE_TIMEOUT_SECONDS = 75.0
+# After answering a request whose body was not read (too big, too slow), aiohttp reads and discards the rest
+# for this long before closing, so the client sees the answer; its default, 10 s, keeps slow clients around.
+LINGERING_SECONDS = 1.0
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -36,17 +48,40 @@ def listen(host: str, port: int) -> socket.socket:
         raise CommandError(f"authnotify: cannot listen on {host}:{port} ({reason})") from None
 
 
+def raise_open_file_limit() -> int:
+    """Raises the soft limit on open files to the hard limit (each connection is one); returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # not allowed here: keep what we have
+            pass
+    return soft
+
+
+def ingress_runner(app: web.Application, *, handle_signals: bool = False) -> web.AppRunner:
+    """The runner every ingress listener uses (the service, ``dev``, the tests): same timeouts everywhere."""
+    return web.AppRunner(app, access_log=None, handle_signals=handle_signals, shutdown_timeout=DRAIN_TIMEOUT_SECONDS,
+                         keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS, lingering_time=LINGERING_SECONDS)
+
+
 async def run_ingress(settings: Settings) -> int:
-    enabled = [name for name in PROVIDERS if settings.provider(name) is not None]
-    if not enabled:
-        raise CommandError(
-            "authnotify: no provider configured: set AUTHNOTIFY_AMS_CLIENT_ID or AUTHNOTIFY_APS_CLIENT_ID",
-            EXIT_USAGE,
-        )
+    check_needs(settings, INGRESS_NEEDS)
+    enabled = settings.configured_providers()
+    open_files = raise_open_file_limit()
     listener = listen(settings.http_host, settings.http_port)
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
+    runner = ingress_runner(app)
     async with Lifecycle() as lifecycle:
+        if settings.metrics_port:
+            metrics = HealthServer(settings.http_host, settings.metrics_port, None, name="metrics")
+            try:
+                await metrics.start()
+            except OSError as exc:
+                raise CommandError(f"authnotify: cannot listen on {settings.http_host}:{settings.metrics_port} "
+                                   f"for /metrics ({exc.strerror or exc}): set AUTHNOTIFY_METRICS_PORT") from None
+            lifecycle.on_stop(metrics.stop)
         await runner.setup()
 
         async def drain() -> None:
@@ -59,7 +94,8 @@ async def run_ingress(settings: Settings) -> int:
         gc.collect()
         gc.freeze()
         log.info("ingress_listening", host=settings.http_host, port=settings.http_port, providers=enabled,
-                 paths=[NOTIFY_PATHS[name] for name in enabled])
+                 paths=[NOTIFY_PATHS[name] for name in enabled], metrics_port=settings.metrics_port or None,
+                 open_files=open_files)
         await lifecycle.run_until_stopped()
     log.info("ingress_stopped")
     return EXIT_OK

@@ -291,7 +291,7 @@ async def channel(amqp_connection: aio_pika.abc.AbstractConnection, settings: Se
 @pytest.fixture
 async def store(settings: Settings) -> AsyncIterator[Store]:
     """The test's store, to check what the workers wrote."""
-    opened = await Store.connect(settings.database_url, settings.token_keys)
+    opened = await Store.connect(settings.store_url(), settings.token_keys)
     yield opened
     await opened.close()
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 from authnotify.alipay.notifications import NOTIFY_PATHS
 from authnotify.config import Settings
 from authnotify.ingress.app import INFLIGHT_KEY, PUBLISHER_KEY, InflightLimit, create_app
+from authnotify.ingress.server import ingress_runner
 from authnotify.messaging.publisher import Publisher
 from authnotify.messaging.topology import Topology, build_topology
 from tests.conftest import AMS_CLIENT_ID, APS_CLIENT_ID
@@ -45,12 +46,15 @@ PROVIDER_CASES = (
 )
 
 
-def iso_request_time() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+def iso_request_time(*, millis: bool = False, offset_hours: int = 0, shift_seconds: float = 0.0) -> str:
+    """Now (plus ``shift_seconds``) as Alipay writes it: ISO 8601 with an explicit offset."""
+    zone = timezone(timedelta(hours=offset_hours))
+    moment = datetime.now(UTC).astimezone(zone) + timedelta(seconds=shift_seconds)
+    return moment.isoformat(timespec="milliseconds" if millis else "seconds")
 
 
-def epoch_ms_request_time() -> str:
-    return str(int(time.time() * 1000))
+def epoch_ms_request_time(shift_seconds: float = 0.0) -> str:
+    return str(int((time.time() + shift_seconds) * 1000))
 
 
 def alipay_signature(private_key: RSAPrivateKey, path: str, client_id: str, request_time: str,
@@ -134,7 +138,7 @@ class RunningIngress:
 
 async def start_ingress(settings: Settings, *, wait_ready: bool = True) -> RunningIngress:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+    runner = ingress_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -232,10 +236,10 @@ def rejection_rows(case: ProviderCase, keys: Any, body: bytes) -> list[Rejection
 
 
 @asynccontextmanager
-async def ingress_on_memory(settings: Settings, publisher: Any) -> AsyncIterator[RunningIngress]:
+async def ingress_on_memory(settings: Settings, publisher: Any, **options: Any) -> AsyncIterator[RunningIngress]:
     """The ingress publishing to ``publisher`` (an in-memory one): its checks and answers, without a broker."""
-    app = create_app(settings, publisher=publisher)
-    runner = web.AppRunner(app, access_log=None)
+    app = create_app(settings, publisher=publisher, **options)
+    runner = ingress_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

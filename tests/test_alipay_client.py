@@ -222,3 +222,88 @@ async def test_no_secret_in_results_or_logs(
     assert "alipay_answered" in text
     for secret in (AUTH_CODE, result.access_token, result.refresh_token):
         assert secret and secret not in text
+
+
+# --- answers as a hostile or flaky network delivers them (issue 1: an authorization lost to a chunked answer) ---
+
+
+def _signed_answer_headers(keys: TestKeys, path: str, client_id: str, body: bytes) -> dict[str, str]:
+    from authnotify.alipay.signature import sign_request_headers
+
+    headers = sign_request_headers(keys.alipay.private_key, method="POST", path=path, client_id=client_id, body=body,
+                                   time_header="Response-Time")
+    headers["Content-Type"] = "application/json; charset=UTF-8"
+    return headers
+
+
+@pytest.fixture
+async def odd_gateway(keys: TestKeys) -> AsyncIterator[Any]:
+    """A gateway whose answers are correctly signed but written as the test says: in parts, or for ever."""
+    import asyncio
+
+    from aiohttp import web
+
+    from tests.conftest import AMS_CLIENT_ID
+
+    state: dict[str, Any] = {"mode": "parts", "written": 0}
+    access_token = "AMS-ACCESS-" + "t" * 40
+    # About 3 KB, as a real answer with long tokens and customer details can be.
+    body = (b'{"result":{"resultCode":"SUCCESS","resultStatus":"S","resultMessage":"success"},'
+            b'"accessToken":"' + access_token.encode() + b'","accessTokenExpiryTime":"2030-01-01T00:00:00+08:00",'
+            b'"refreshToken":"AMS-REFRESH-1","refreshTokenExpiryTime":"2031-01-01T00:00:00+08:00",'
+            b'"userLoginId":"u***@example.com","pspCustomerInfo":{"pspCustomerId":"c1","extra":"'
+            + b"x" * 2800 + b'"}}')
+
+    async def apply_token(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        headers = _signed_answer_headers(keys, request.path, AMS_CLIENT_ID, body)
+        response = web.StreamResponse(status=200, headers=headers)
+        if state["mode"] == "parts":
+            response.content_length = len(body)
+            await response.prepare(request)
+            await response.write(body[:1000])
+            await asyncio.sleep(0.05)
+            await response.write(body[1000:])
+        else:  # a body that never ends
+            await response.prepare(request)
+            chunk = b"x" * 65536
+            try:
+                while True:
+                    await response.write(chunk)
+                    state["written"] += len(chunk)
+            except (ConnectionError, RuntimeError):
+                return response
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/ams/sandbox/api/v1/authorizations/applyToken", apply_token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    state["url"] = f"http://{host}:{port}"
+    state["access_token"] = access_token
+    yield state
+    await runner.cleanup()
+
+
+async def test_an_answer_written_in_parts_is_read_whole_and_verified(
+        offline_settings: Callable[..., Settings], odd_gateway: Any, session: aiohttp.ClientSession) -> None:
+    config = offline_settings(ams_gateway_url=odd_gateway["url"]).provider("ams")
+    result = await AlipayClient(config, session).apply_token(auth_code=AUTH_CODE)
+    assert result.succeeded and result.access_token == odd_gateway["access_token"]
+
+
+async def test_an_answer_that_never_ends_is_a_bad_response_after_1_mib(
+        offline_settings: Callable[..., Settings], odd_gateway: Any, session: aiohttp.ClientSession) -> None:
+    from authnotify.alipay.client import MAX_RESPONSE_BYTES
+
+    odd_gateway["mode"] = "forever"
+    config = offline_settings(ams_gateway_url=odd_gateway["url"]).provider("ams")
+    with pytest.raises(AlipayUnavailable) as raised:
+        await AlipayClient(config, session).apply_token(auth_code=AUTH_CODE)
+    assert raised.value.kind == "bad_response" and "over 1024 KiB" in str(raised.value)
+    # Stopped soon after the limit, not at the timeout: what was sent is the limit plus socket buffers.
+    assert odd_gateway["written"] < MAX_RESPONSE_BYTES + 16 * 1024 * 1024

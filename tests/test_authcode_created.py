@@ -91,7 +91,7 @@ async def channel(amqp_connection: aio_pika.abc.AbstractConnection) -> AsyncIter
 
 @asynccontextmanager
 async def opened_store(settings: Settings) -> AsyncIterator[Store]:
-    store = await Store.connect(settings.database_url, settings.token_keys)
+    store = await Store.connect(settings.store_url(), settings.token_keys)
     try:
         yield store
     finally:

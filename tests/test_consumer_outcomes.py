@@ -99,13 +99,13 @@ async def test_other_errors_are_retried_through_the_delay_of_their_attempt(topol
 async def test_after_the_last_attempt_a_failure_is_dead_lettered_with_its_reason(topology: Topology) -> None:
     publisher = InMemoryPublisher()
     spec, _ = spec_raising(TransientError("merchant answered HTTP 503"))
-    last = notification_delivery(BODY, attempt=topology.max_attempts)
+    last = notification_delivery(BODY, attempt=topology.max_attempts(Consumer.TOKEN_CREATED))
 
     assert await DeliveryProcessor(topology, publisher).process(spec, last) is Outcome.DEAD_LETTERED
 
     [dead] = publisher.to(topology.dead_letter_queue(Consumer.TOKEN_CREATED))
     assert dead.headers[h.DEAD_REASON] == "merchant answered HTTP 503"
-    assert dead.headers[h.DEAD_ATTEMPTS] == topology.max_attempts
+    assert dead.headers[h.DEAD_ATTEMPTS] == topology.max_attempts(Consumer.TOKEN_CREATED)
 
 
 @pytest.mark.parametrize("error", [None, PermanentError("bad"), TransientError("later")])

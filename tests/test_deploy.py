@@ -39,8 +39,10 @@ K8S = DEPLOY / "k8s"
 KUBERNETES_VERSION = "1.33"
 INGRESS_PORT = 8080
 WORKER_PORT = 9090
+METRICS_PORT = 9091
 WORKER_TYPES = tuple(CONSUMER_NAMES)
 STORE_WORKERS = ("authcode-created", "token-created", "token-canceled")
+BROKER_ROLES = ("ingress", "authcode-created", "token-created", "token-canceled", "merchant-events", "operator")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 
@@ -195,7 +197,10 @@ def render(directory: Path) -> list[dict[str, Any]]:
             for container in _containers(obj):
                 name, _, tag = container["image"].partition(":")
                 if name == image["name"]:
-                    container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag or 'latest')}"
+                    if "digest" in image:
+                        container["image"] = f"{image.get('newName', name)}@{image['digest']}"
+                    else:
+                        container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag or 'latest')}"
     return objects
 
 
@@ -216,7 +221,7 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any
 def authnotify_containers(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     for obj in objects:
         for container in _containers(obj):
-            if container["image"].split(":")[0].endswith("authnotify"):
+            if container["image"].split("@")[0].split(":")[0].endswith("authnotify"):
                 yield obj, container
 
 
@@ -265,10 +270,17 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     shutil.copytree(K8S, copy_root, dirs_exist_ok=True)
     secrets = copy_root / "overlays" / "production" / "secrets"
     (secrets / "app.env").write_text(
-        "rabbitmq-url=amqp://authnotify:pw@authnotify-rabbitmq.authnotify.svc:5672/\n"
-        "database-url=postgresql+asyncpg://authnotify:pw@db.example.internal:5432/authnotify\n"
+        "database-url=postgresql+asyncpg://authnotify:pw@db.example.internal:5432/authnotify?sslmode=verify-full\n"
         "token-keys=stand-in\n"
     )
+    for role in BROKER_ROLES:
+        (secrets / f"broker-{role}.env").write_text(
+            f"username=authnotify-{role}\npassword=pw-{role}\n"
+            f"rabbitmq-url=amqps://authnotify-{role}:pw-{role}@authnotify-rabbitmq.authnotify.svc:5671/"
+            "?cafile=/run/secrets/authnotify-broker-ca/ca.crt\n")
+    (secrets / "broker-keda.env").write_text(
+        "username=authnotify-keda\npassword=pw\n"
+        "management-url=https://authnotify-keda:pw@authnotify-rabbitmq.authnotify.svc:15671/\n")
     for name in ("ams-private-key", "ams-alipay-public-key", "aps-private-key", "aps-alipay-public-key"):
         (secrets / f"{name}.pem").write_text(f"stand-in {name}\n")
     (secrets / "merchants.toml").write_text('[merchants.default]\nurl = "https://m.example/h"\n')
@@ -287,6 +299,10 @@ _QUANTITY = {"type": ["string", "integer"], "pattern": r"^[0-9.]+(m|Ki|Mi|Gi|Ti|
 _RESOURCES = {"type": "object", "additionalProperties": False, "properties": {
     part: {"type": "object", "additionalProperties": False,
            "properties": {"cpu": _QUANTITY, "memory": _QUANTITY}} for part in ("requests", "limits")}}
+
+
+_CLUSTER_REFERENCE = {"type": "object", "required": ["name"], "additionalProperties": False,
+                      "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}}}
 
 
 def _crd(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +344,47 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                                          "kind": {"enum": ["TriggerAuthentication",
                                                                            "ClusterTriggerAuthentication"]}}}}}},
         }}),
+    # The RabbitMQ messaging-topology-operator's User and Permission (rabbitmq.com/v1beta1).
+    "User": _crd("rabbitmq.com/v1beta1", "User", {
+        "type": "object", "required": ["rabbitmqClusterReference"], "additionalProperties": False,
+        "properties": {
+            "rabbitmqClusterReference": _CLUSTER_REFERENCE,
+            "tags": {"type": "array", "items": {"enum": ["management", "policymaker", "monitoring",
+                                                         "administrator", "impersonator"]}},
+            "importCredentialsSecret": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                        "properties": {"name": {"type": "string"}}}}}),
+    "Permission": _crd("rabbitmq.com/v1beta1", "Permission", {
+        "type": "object", "required": ["vhost", "permissions", "rabbitmqClusterReference"],
+        "additionalProperties": False,
+        "properties": {
+            "vhost": {"type": "string"},
+            "user": {"type": "string"},
+            "userReference": {"type": "object", "required": ["name"], "additionalProperties": False,
+                              "properties": {"name": {"type": "string"}}},
+            "permissions": {"type": "object", "additionalProperties": False,
+                            "required": ["configure", "write", "read"],
+                            "properties": {part: {"type": "string", "format": "regex"}
+                                           for part in ("configure", "write", "read")}},
+            "rabbitmqClusterReference": _CLUSTER_REFERENCE}}),
+    # The Prometheus Operator's PrometheusRule (monitoring.coreos.com/v1).
+    "PrometheusRule": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+            "metadata": _METADATA,
+            "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
+                "groups": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["name", "rules"], "additionalProperties": False, "properties": {
+                        "name": {"type": "string"}, "interval": {"type": "string"},
+                        "rules": {"type": "array", "minItems": 1, "items": {
+                            "type": "object", "required": ["alert", "expr"], "additionalProperties": False,
+                            "properties": {
+                                "alert": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9]*$"},
+                                "expr": {"type": "string", "minLength": 1},
+                                "for": {"type": "string", "pattern": r"^[0-9]+(s|m|h|d)$"},
+                                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "annotations": {"type": "object",
+                                                "additionalProperties": {"type": "string"}}}}}}}}}}}},
     "TriggerAuthentication": _crd("keda.sh/v1alpha1", "TriggerAuthentication", {
         "type": "object", "required": ["secretTargetRef"], "additionalProperties": False,
         "properties": {"secretTargetRef": {"type": "array", "minItems": 1, "items": {
@@ -337,6 +394,9 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object", "required": ["replicas"], "additionalProperties": False,
         "properties": {
             "replicas": {"type": "integer", "minimum": 1},
+            "tls": {"type": "object", "additionalProperties": False, "required": ["secretName"],
+                    "properties": {"secretName": {"type": "string"}, "caSecretName": {"type": "string"},
+                                   "disableNonTLSListeners": {"type": "boolean"}}},
             "image": {"type": "string"},
             "resources": _RESOURCES,
             "persistence": {"type": "object", "additionalProperties": False,
@@ -354,7 +414,7 @@ def validate(objects: list[dict[str, Any]]) -> None:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["kind"] in CRD_SCHEMAS:
             try:
-                jsonschema.validate(obj, CRD_SCHEMAS[obj["kind"]])
+                jsonschema.validate(obj, CRD_SCHEMAS[obj["kind"]], format_checker=jsonschema.FormatChecker())
             except jsonschema.ValidationError as exc:
                 pytest.fail(f"{where}: {'.'.join(map(str, exc.absolute_path))}: {exc.message}")
             continue
@@ -431,9 +491,11 @@ def test_one_deployment_and_one_scaled_object_per_worker_type_on_its_queue(
         assert trigger["metadata"]["queueName"] == f"{namespace}.{worker}"
         assert trigger["metadata"]["mode"] == "QueueLength"
         auth = auths[trigger["authenticationRef"]["name"]]
-        (ref,) = auth["spec"]["secretTargetRef"]
-        assert ref["parameter"] == "host"
-        assert ref["key"] in secrets[ref["name"]]["stringData"]
+        refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+        # The management API as KEDA's monitoring-only user (broker-users.yaml), never a process's login.
+        assert trigger["metadata"]["protocol"] == "http"
+        assert refs["host"]["name"] == "authnotify-broker-keda"
+        assert refs["host"]["key"] in secrets[refs["host"]["name"]]["stringData"]
         # The Deployment leaves the replica count to KEDA, or every apply would fight it.
         assert "replicas" not in deployments[deployment_name]["spec"]
     assert not set(targets) - set(deployments.keys())
@@ -476,7 +538,10 @@ def test_probes_point_at_readyz_and_healthz_on_the_container_port(base: list[dic
             continue
         expected_port = WORKER_PORT if worker_name(container) else INGRESS_PORT
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert list(ports.values()) == [expected_port]
+        # The ingress's /metrics has a port of its own (AUTHNOTIFY_METRICS_PORT), never the one Alipay reaches.
+        assert list(ports.values()) == ([expected_port] if worker_name(container) else [expected_port, METRICS_PORT])
+        scraped = obj["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+        assert int(scraped) == (WORKER_PORT if worker_name(container) else METRICS_PORT)
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"),
                             ("startupProbe", "/healthz")):
             get = container[probe]["httpGet"]
@@ -557,6 +622,8 @@ def test_settings_secrets_and_key_files_are_wired(overlay: str, request: pytest.
             secret = volumes[mount["name"]].get("secret")
             if secret:
                 assert mount.get("readOnly") is True, where
+                if secret.get("optional"):  # the broker's CA, made with its TLS certificate (production)
+                    continue
                 files |= {f"{mount['mountPath']}/{key}" for key in secrets[secret["secretName"]]["stringData"]}
         for name, value in env.items():
             if name.endswith(("_PRIVATE_KEY", "_PUBLIC_KEY")):
@@ -565,8 +632,9 @@ def test_settings_secrets_and_key_files_are_wired(overlay: str, request: pytest.
                 assert value in files, where
 
         args = container.get("args", [])
-        if args == ["ingress"] or worker_name(container):
-            assert env["AUTHNOTIFY_RABBITMQ_URL"].startswith("amqp")
+        if args in (["ingress"], ["topology"]) or worker_name(container):
+            scheme = "amqps://" if overlay == "production" else "amqp://"
+            assert env["AUTHNOTIFY_RABBITMQ_URL"].startswith(scheme), where
         stores = args == ["migrate"] or worker_name(container) in STORE_WORKERS
         if stores:
             assert env["AUTHNOTIFY_DATABASE_URL"].startswith("postgresql+asyncpg://"), where
@@ -575,18 +643,65 @@ def test_settings_secrets_and_key_files_are_wired(overlay: str, request: pytest.
         assert ("AUTHNOTIFY_MERCHANTS_FILE" in env) == (worker_name(container) == "merchant-events"), where
 
 
+def _secrets_used(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    used = {v["valueFrom"]["secretKeyRef"]["name"] for v in container.get("env", []) if "valueFrom" in v}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret and not secret.get("optional"):
+            used.add(secret["secretName"])
+    return used
+
+
+def _process_needs(args: list[str]) -> frozenset[Any]:
+    from authnotify.cli.main import COMMAND_NEEDS
+    from authnotify.ingress.server import INGRESS_NEEDS
+    from authnotify.workers.registry import needs_of
+
+    if args == ["ingress"]:
+        return INGRESS_NEEDS
+    if args[0] == "worker":
+        return needs_of(args[1:])
+    return COMMAND_NEEDS[args[0]]
+
+
+@pytest.mark.parametrize("overlay", ["base", "production"])
+def test_each_workload_mounts_only_the_secrets_its_process_needs(overlay: str, request: pytest.FixtureRequest) -> None:
+    """Issue 6: the merchant-events pods mounted our Alipay RSA keys. What a process may see follows what it
+    declares it needs (authnotify.config.needs); the broker URL is always its own user's."""
+    from authnotify.config import Need
+
+    secret_of_need = {Need.DATABASE: {"authnotify-app"}, Need.TOKEN_KEYS: {"authnotify-app"},
+                      Need.ALIPAY_KEYS: {"authnotify-keys"}, Need.MERCHANTS_FILE: {"authnotify-merchants"}}
+    objects = request.getfixturevalue(overlay)
+    for obj, container in authnotify_containers(objects):
+        pod = pod_spec(obj)
+        assert pod is not None
+        args = container.get("command", []) + container.get("args", [])
+        needs = _process_needs(args)
+        allowed = set().union(*(secret_of_need.get(need, set()) for need in needs))
+        if Need.BROKER in needs:
+            role = worker_name(container) or ("operator" if args[0] in ("topology", "dlq") else args[0])
+            allowed.add(f"authnotify-broker-{role}")
+        used = _secrets_used(pod, container)
+        assert used <= allowed, f"{obj['metadata']['name']} uses {sorted(used - allowed)}"
+        if Need.ALIPAY_KEYS in needs:
+            assert "authnotify-keys" in used, obj["metadata"]["name"]
+
+
 def test_rabbitmq_cluster_of_three_with_quorum_queues(base: list[dict[str, Any]]) -> None:
     (cluster,) = by_kind(base, "RabbitmqCluster").values()
     assert cluster["spec"]["replicas"] == 3
     assert "default_queue_type = quorum" in cluster["spec"]["rabbitmq"]["additionalConfig"]
     assert by_kind(base, "ConfigMap")["authnotify-config"]["data"]["AUTHNOTIFY_QUEUE_TYPE"] == "quorum"
     # The processes and KEDA reach the cluster through the Service the operator names after it.
-    url = by_kind(base, "Secret")["authnotify-app"]["stringData"]["rabbitmq-url"]
-    assert re.match(rf"amqp://[^@]+@{cluster['metadata']['name']}\.authnotify\.svc:5672/$", url)
+    for role in BROKER_ROLES:
+        url = by_kind(base, "Secret")[f"authnotify-broker-{role}"]["stringData"]["rabbitmq-url"]
+        assert re.match(rf"amqp://authnotify-{role}:[^@]+@{cluster['metadata']['name']}\.authnotify\.svc:5672/$", url)
 
 
 def test_migration_job_and_postgres(base: list[dict[str, Any]], production: list[dict[str, Any]]) -> None:
-    (job,) = by_kind(base, "Job").values()
+    job = by_kind(base, "Job")["authnotify-migrate"]
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["migrate"]
     assert job["spec"]["ttlSecondsAfterFinished"] > 0  # a finished Job goes, so the next apply can recreate it
@@ -607,7 +722,7 @@ def test_migration_job_and_postgres(base: list[dict[str, Any]], production: list
     keys = by_kind(production, "Secret")["authnotify-keys"]["stringData"]
     assert all(value.startswith("stand-in") for value in keys.values())
     images = {c["image"] for _, c in authnotify_containers(production)}
-    assert len(images) == 1 and not images.pop().endswith(":latest")
+    assert len(images) == 1 and re.search(r"@sha256:[0-9a-f]{64}$", images.pop())
 
 
 def test_production_secret_files_stay_out_of_git() -> None:
@@ -639,8 +754,8 @@ def test_compose_names_every_process_with_its_command(compose: dict[str, Any]) -
         assert services[name]["command"] == command, name
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (DEPLOY / services[name]["build"]["context"] / "deploy" / "Dockerfile").is_file()
-    assert re.fullmatch(r"rabbitmq:3\.1[3-9]-management", services["rabbitmq"]["image"])
-    assert services["postgres"]["image"].startswith("postgres:16")
+    assert re.fullmatch(r"rabbitmq:3\.1[3-9]-management@sha256:[0-9a-f]{64}", services["rabbitmq"]["image"])
+    assert re.fullmatch(r"postgres:16@sha256:[0-9a-f]{64}", services["postgres"]["image"])
     assert services["ingress"]["ports"] == ["${AUTHNOTIFY_PUBLISH_PORT:-8080}:8080"]
 
 
@@ -688,6 +803,30 @@ def test_compose_settings_and_key_files(compose: dict[str, Any]) -> None:
     check_settings_values(example, "deploy/.env.example")
     interpolated = set(re.findall(r"\$\{([A-Z_]+)", (DEPLOY / "compose.yaml").read_text()))
     assert interpolated <= set(example) | {"AUTHNOTIFY_IMAGE", "AUTHNOTIFY_PUBLISH_PORT"}
+
+
+def test_compose_gives_each_container_only_what_its_process_needs(compose: dict[str, Any]) -> None:
+    """Issue 6: compose gave every container every secret (the whole .env and every key file)."""
+    from authnotify.config import Need
+
+    variables_of_need = {
+        Need.BROKER: {"AUTHNOTIFY_RABBITMQ_URL"}, Need.DATABASE: {"AUTHNOTIFY_DATABASE_URL"},
+        Need.TOKEN_KEYS: {"AUTHNOTIFY_TOKEN_KEYS"}, Need.MERCHANTS_FILE: {"AUTHNOTIFY_MERCHANTS_FILE"},
+        Need.ALIPAY_KEYS: {f"AUTHNOTIFY_{p}_{k}" for p in ("AMS", "APS") for k in ("PRIVATE_KEY", "ALIPAY_PUBLIC_KEY")},
+    }
+    secret_files = {Need.ALIPAY_KEYS: {"ams_private_key", "ams_alipay_public_key", "aps_private_key",
+                                       "aps_alipay_public_key"}, Need.MERCHANTS_FILE: {"merchants"}}
+    secret_variables = set().union(*variables_of_need.values())
+    for name, service in compose["services"].items():
+        if name in ("rabbitmq", "postgres"):
+            continue
+        assert "env_file" not in service, f"{name} would get the whole .env"
+        needs = _process_needs(service["command"])
+        environment = set(service.get("environment", {}))
+        allowed = set().union(*(variables_of_need.get(need, set()) for need in needs))
+        assert environment & secret_variables == allowed, name
+        mounted = {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
+        assert mounted == set().union(*(secret_files.get(need, set()) for need in needs)), name
 
 
 # --- image ------------------------------------------------------------------------------------------
@@ -784,3 +923,188 @@ def test_healthcheck_probes_the_port_of_the_process_it_runs_beside(
         _Health.status = 200
     if is_worker:
         assert run({own: "0"}) == 0  # health endpoint turned off: nothing to check
+
+
+# --- the broker as a trust boundary, what reaches whom, what is exposed (issues 9 and 10) ---------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        present = labels.get(expression["key"])
+        if expression["operator"] == "In" and present not in expression["values"]:
+            return False
+        if expression["operator"] == "NotIn" and present in expression["values"]:
+            return False
+    return True
+
+
+def _workloads(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Pod labels of every workload, by name (the operator labels RabbitMQ's pods with the cluster's name)."""
+    pods = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in objects if pod_spec(o)}
+    for cluster in by_kind(objects, "RabbitmqCluster"):
+        pods[cluster] = {"app.kubernetes.io/name": cluster}
+    return pods
+
+
+def _egress(objects: list[dict[str, Any]], labels: dict[str, str]) -> list[tuple[str, tuple[int, ...]]]:
+    """Where pods with these labels may connect: ("pods:<name label>" | "cidr:<block>" | "dns", ports)."""
+    allowed = []
+    for policy in by_kind(objects, "NetworkPolicy").values():
+        if "Egress" not in policy["spec"].get("policyTypes", []) or not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            ports = tuple(sorted(p["port"] for p in rule.get("ports", [])))
+            for peer in rule.get("to", [{}]):
+                if "ipBlock" in peer:
+                    allowed.append((f"cidr:{peer['ipBlock']['cidr']}", ports))
+                elif peer.get("podSelector", {}).get("matchLabels", {}).get("k8s-app") == "kube-dns":
+                    allowed.append(("dns", ports))
+                elif "podSelector" in peer:
+                    name = peer["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name", "any")
+                    allowed.append((f"pods:{name}", ports))
+                else:
+                    allowed.append(("anywhere", ports))
+    return allowed
+
+
+@pytest.mark.parametrize("overlay", ["base", "production"])
+def test_network_policies_deny_by_default_and_open_only_what_each_workload_uses(
+        overlay: str, request: pytest.FixtureRequest) -> None:
+    objects = request.getfixturevalue(overlay)
+    policies = by_kind(objects, "NetworkPolicy")
+    deny = policies["authnotify-default-deny"]["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    rabbit, postgres = "pods:authnotify-rabbitmq", "pods:authnotify-postgres"
+    managed = overlay == "production"
+    for name, labels in _workloads(objects).items():
+        own = [p for p in policies.values()
+               if p["metadata"]["name"] not in ("authnotify-default-deny", "authnotify-dns")
+               and _selects(p["spec"]["podSelector"], labels)]
+        assert own, f"no NetworkPolicy lets {name} do anything"
+        targets = {target for target, _ in _egress(objects, labels)} - {"dns"}
+        component = labels.get("app.kubernetes.io/component", "")
+        database = {"cidr:10.20.30.0/24"} if managed else {postgres}
+        internet = "cidr:0.0.0.0/0"
+        expected = {
+            "ingress": {rabbit},
+            "worker-authcode-created": {rabbit, internet} | database,
+            "worker-token-created": {rabbit} | database,
+            "worker-token-canceled": {rabbit} | database,
+            "worker-merchant-events": {rabbit, internet},
+            "migrate": database,
+            "topology": {rabbit},
+        }.get(component)
+        if expected is not None:
+            assert targets == expected, f"{name} may reach {sorted(targets)}"
+    # The outside world only on HTTPS (Alipay) or HTTP(S) (merchants), never the cluster's private ranges.
+    for policy in ("authnotify-alipay-egress", "authnotify-merchant-egress"):
+        (rule,) = policies[policy]["spec"]["egress"]
+        assert "10.0.0.0/8" in rule["to"][0]["ipBlock"]["except"]
+        assert {p["port"] for p in rule["ports"]} <= {80, 443}
+
+
+def test_one_broker_user_per_role_with_the_narrowest_permissions(base: list[dict[str, Any]]) -> None:
+    """Issue 9: one full-privilege login was shared by every pod and KEDA; with it anyone could forge
+    TOKEN_CREATED. Now each role's regexes are checked against the real queue and exchange names."""
+    from authnotify.config import Settings
+    from authnotify.messaging.topology import build_topology
+
+    topology = build_topology(Settings(_env_file=None))  # type: ignore[call-arg]
+    names = [*topology.all_queue_names(), *(spec.name for spec in topology.exchanges()), "amq.default"]
+    users = by_kind(base, "User")
+    permissions = {p["spec"]["userReference"]["name"]: p["spec"]["permissions"] for p in by_kind(base, "Permission").values()}
+    secrets = by_kind(base, "Secret")
+    assert set(users) == set(permissions) == {f"authnotify-{role}" for role in (*BROKER_ROLES, "keda")}
+
+    def allowed(role: str, part: str) -> set[str]:
+        return {name for name in names if re.search(permissions[f"authnotify-{role}"][part], name)}
+
+    for role in (*BROKER_ROLES, "keda"):
+        user = users[f"authnotify-{role}"]["spec"]
+        credentials = secrets[user["importCredentialsSecret"]["name"]]["stringData"]
+        assert credentials["username"] == f"authnotify-{role}"
+        url = credentials.get("rabbitmq-url") or credentials["management-url"]
+        assert f"//authnotify-{role}:" in url  # the process logs in as its own user
+    notifications, unrouted = topology.notifications_exchange, topology.unrouted_exchange
+    assert allowed("ingress", "write") == {notifications, unrouted}
+    assert allowed("ingress", "read") == allowed("ingress", "configure") == set()
+    for worker in WORKER_TYPES:
+        own = {topology.consumer_queue(worker)}
+        assert allowed(worker, "read") == allowed(worker, "configure") == own
+    assert notifications not in allowed("merchant-events", "write")  # cannot forge a notification
+    assert allowed("merchant-events", "write") == {"amq.default"}
+    assert allowed("keda", "read") == allowed("keda", "write") == allowed("keda", "configure") == set()
+    assert users["authnotify-keda"]["spec"]["tags"] == ["monitoring"]
+    assert set(allowed("operator", "configure")) == set(names) - {"amq.default"}
+
+
+def test_production_talks_to_the_broker_over_tls_only(production: list[dict[str, Any]]) -> None:
+    (cluster,) = by_kind(production, "RabbitmqCluster").values()
+    assert cluster["spec"]["tls"]["disableNonTLSListeners"] is True
+    secrets = by_kind(production, "Secret")
+    for role in BROKER_ROLES:
+        assert secrets[f"authnotify-broker-{role}"]["stringData"]["rabbitmq-url"].startswith("amqps://")
+    assert secrets["authnotify-broker-keda"]["stringData"]["management-url"].startswith("https://")
+
+
+def test_the_kubernetes_ingress_routes_only_the_notify_paths(base: list[dict[str, Any]]) -> None:
+    """Issue 10: /metrics answered on the Alipay-facing port. Outside, only the two notify paths exist."""
+    from authnotify.alipay.notifications import NOTIFY_PATHS
+
+    (route,) = by_kind(base, "Ingress").values()
+    paths = [path for rule in route["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert sorted(p["path"] for p in paths) == sorted(NOTIFY_PATHS.values())
+    assert {p["pathType"] for p in paths} == {"Exact"}
+    assert {(p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"]) for p in paths} == {
+        ("authnotify-ingress", "http")}
+    service = by_kind(base, "Service")["authnotify-ingress"]
+    assert [port["targetPort"] for port in service["spec"]["ports"]] == ["http"]  # not the metrics port
+
+
+def test_alerts_watch_unrouted_and_the_dead_letter_queues(base: list[dict[str, Any]]) -> None:
+    (rule,) = by_kind(base, "PrometheusRule").values()
+    alerts = {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert 'queue="authnotify.unrouted"' in alerts["AuthnotifyUnroutedNotEmpty"]
+    assert ".dead" in alerts["AuthnotifyDeadLettersGrowing"]
+    (cluster,) = by_kind(base, "RabbitmqCluster").values()
+    assert "prometheus.return_per_object_metrics = true" in cluster["spec"]["rabbitmq"]["additionalConfig"]
+
+
+@pytest.mark.parametrize("overlay", ["base", "production"])
+def test_images_are_pinned_by_digest(overlay: str, request: pytest.FixtureRequest) -> None:
+    objects = request.getfixturevalue(overlay)
+    images = [c["image"] for o in objects for c in _containers(o)]
+    images += [c["spec"]["image"] for c in by_kind(objects, "RabbitmqCluster").values()]
+    for image in images:
+        if overlay == "base" and image.split(":")[0] == "authnotify":
+            continue  # the overlay names the registry and the digest of the release
+        assert re.search(r"@sha256:[0-9a-f]{64}$", image), image
+
+
+def test_the_image_installs_the_locked_dependencies_hash_checked_and_nothing_else() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    runs = [args for op, args in dockerfile_instructions() if op == "RUN" and "pip install" in args]
+    locked_install = next(run for run in runs if "requirements.lock" in run)
+    assert "--require-hashes" in locked_install and "--no-deps" in locked_install
+    package_install = next(run for run in runs if " . " in f"{run} ")
+    assert all(flag in package_install for flag in ("--no-deps", "--no-index", "--no-build-isolation"))
+
+    lock = (DEPLOY / "requirements.lock").read_text()
+    entries = re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)[^\n]*\\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock,
+                         re.MULTILINE)
+    pinned = {canonicalize_name(name): version for name, version, _ in entries}
+    assert len(pinned) == lock.count("=="), "every pinned line carries its hashes"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [Requirement(text) for text in project["project"]["dependencies"]]
+    wanted += [Requirement(text) for text in project["build-system"]["requires"]]
+    for requirement in wanted:
+        version = pinned.get(canonicalize_name(requirement.name))
+        assert version is not None, f"{requirement.name} is not in deploy/requirements.lock (run make lock)"
+        assert requirement.specifier.contains(version, prereleases=True), f"{requirement} vs locked {version}"

@@ -23,7 +23,7 @@ from authnotify.errors import PermanentError
 from authnotify.messaging import headers as h
 from authnotify.messaging.consumer import ConsumerSpec, MessageContext
 from authnotify.messaging.deadletters import DeadLetter, DeadLetterQueues, Selection
-from authnotify.messaging.topology import Consumer, Topology, build_topology, declare_topology
+from authnotify.messaging.topology import KEEP_DELIVERY_LIMIT, Consumer, Topology, build_topology, declare_topology
 from authnotify.workers.process import Workers
 
 WAIT_SECONDS = 20.0
@@ -33,12 +33,12 @@ AUTH_CODE = "2810111301lGZcM9CjlF91WH00039190xxxx"
 async def replay(settings: Settings, names: list[str], *, ids: list[str] | None = None, limit: int | None = None,
                  dry_run: bool = False) -> list[DeadLetter]:
     """What `dlq replay` does, in-process (the CLI adds only argument parsing and output)."""
-    async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings)) as queues:
+    async with DeadLetterQueues.open(settings.broker_url(), build_topology(settings)) as queues:
         return await queues.replay(names, Selection(ids or [], limit), dry_run=dry_run)
 
 
 async def list_dead_letters(settings: Settings, names: list[str]) -> list[DeadLetter]:
-    async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings)) as queues:
+    async with DeadLetterQueues.open(settings.broker_url(), build_topology(settings)) as queues:
         return await queues.list(names)
 
 
@@ -67,7 +67,7 @@ async def setup(make_settings, amqp_connection, request: pytest.FixtureRequest) 
 def cli_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env.update({
-        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
+        "AUTHNOTIFY_RABBITMQ_URL": settings.broker_url(),
         "AUTHNOTIFY_NAMESPACE": settings.namespace,
         "AUTHNOTIFY_QUEUE_TYPE": settings.queue_type,
         "AUTHNOTIFY_RETRY_DELAYS": "200ms,400ms",
@@ -150,6 +150,79 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = WA
 
 
 # --- list -------------------------------------------------------------------------------------------
+
+
+async def _list_by_closing_the_channel(connection: aio_pika.abc.AbstractConnection, queue_name: str) -> int:
+    """What `dlq list` does to a queue: fetch every message unacked, then close the channel."""
+    channel = await connection.channel()
+    queue = await channel.declare_queue(queue_name, passive=True)
+    fetched = 0
+    for _ in range(queue.declaration_result.message_count or 0):
+        if await queue.get(no_ack=False, fail=False) is None:
+            break
+        fetched += 1
+    await channel.close()
+    return fetched
+
+
+async def test_listing_a_quorum_dead_letter_queue_50_times_loses_nothing(
+        make_settings, amqp_connection: aio_pika.abc.AbstractConnection) -> None:
+    """Issue 8: on RabbitMQ 4.x a quorum queue without its own delivery limit drops a message after 20 returns,
+    and every listing returns each message once. Only the queues needed here are declared (RabbitMQ 3.10.8
+    handles many quorum queue deletions badly); they are deleted when the session ends."""
+    settings = make_settings(queue_type="quorum")
+    topology = build_topology(settings)
+    dlq = topology.dead_letter_queue(Consumer.TOKEN_CREATED)
+    spec = topology.queue(dlq)
+    assert spec.arguments["x-delivery-limit"] == KEEP_DELIVERY_LIMIT  # what makes it safe on 4.x
+    control = f"{settings.namespace}.control-delivery-limit-20"  # RabbitMQ 4.x's default, set explicitly here
+    channel = await amqp_connection.channel()
+    await channel.declare_queue(dlq, durable=True, arguments=spec.arguments)
+    await channel.declare_queue(control, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 20})
+    await channel.close()
+    try:
+        ids = await put_dead(amqp_connection, topology, Consumer.TOKEN_CREATED, 5)
+        for name in (control,):
+            publisher = await amqp_connection.channel()
+            for index in range(5):
+                await publisher.default_exchange.publish(aio_pika.Message(body_for(index), delivery_mode=2), name)
+            await publisher.close()
+            await wait_for(lambda name=name: _depth_at_least(amqp_connection, name, 5), what="control filled")
+
+        queues = DeadLetterQueues(amqp_connection, topology)  # not .open(): that declares every queue
+        for listing in range(50):
+            # A listing's messages go back when its channel closes, a moment later: wait for all five (a lost
+            # one never comes back, and the wait fails).
+            await wait_for(lambda: _depth_at_least(amqp_connection, dlq, 5), what=f"dead letters back ({listing})")
+            assert [letter.id for letter in await queues.list(["token-created"])] == ids, listing
+            await _list_by_closing_the_channel(amqp_connection, control)
+        assert await depth(amqp_connection, dlq) == 5
+        assert await depth(amqp_connection, control) == 0  # the same listings empty a queue with a limit of 20
+    finally:
+        cleanup = await amqp_connection.channel()
+        await cleanup.queue_delete(control, if_unused=False, if_empty=False)
+        await cleanup.close()
+
+
+async def test_a_dead_letter_queue_declared_by_an_earlier_version_is_kept_with_a_warning(
+        make_settings, amqp_connection: aio_pika.abc.AbstractConnection, capsys) -> None:
+    """Queue arguments cannot change: a deployment whose dead-letter queue predates the delivery limit keeps
+    starting, and says what to do (a policy) instead of failing on PRECONDITION_FAILED."""
+    from authnotify.observability.logging import configure_logging
+
+    configure_logging("json")
+    settings = make_settings(queue_type="quorum")
+    topology = build_topology(settings)
+    dlq = topology.dead_letter_queue(Consumer.TOKEN_CANCELED)
+    channel = await amqp_connection.channel()
+    await channel.declare_queue(dlq, durable=True, arguments={"x-queue-type": "quorum"})  # as 0.1.0 declared it
+    spec = topology.queue(dlq)
+    from authnotify.messaging.topology import _declare_queue
+
+    queue = await _declare_queue(channel, spec)
+    assert queue.name == dlq
+    await channel.close()
+    assert "queue_declared_by_an_earlier_version" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])

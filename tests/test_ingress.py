@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from authnotify.config import Settings
 from authnotify.config.keys import public_key_pem
 from authnotify.messaging import headers as messages
+from authnotify.messaging.health import HealthServer
 from authnotify.observability.logging import configure_logging
 from tests.conftest import TestKeys as Keys
 from tests.ingress_harness import (
@@ -148,7 +149,7 @@ async def test_signatures_as_alipay_sdks_and_docs_send_them_are_accepted(
         "signature value not URL-encoded": {"url_encode": False},
         "epoch-millisecond Request-Time": {"request_time": epoch_ms_request_time()},
         "ISO 8601 Request-Time": {"request_time": iso_request_time()},
-        "ISO 8601 Request-Time with millis and offset": {"request_time": "2026-11-23T18:00:00.123+08:00"},
+        "ISO 8601 Request-Time with millis and offset": {"request_time": iso_request_time(millis=True, offset_hours=8)},
         "keyVersion 1": {"key_version": "1"},
         "keyVersion 0": {"key_version": "0"},
         "all at once": {"lower_case": True, "spaces": True, "url_encode": False,
@@ -352,8 +353,15 @@ async def test_health_readiness_metrics_and_the_log_line(
     assert status == 200
     await post(http, ingress, case, body, {"Content-Type": "application/json"})
     async with http.get(ingress.url + "/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
+        assert response.status == 404  # never on the listener Alipay reaches (AUTHNOTIFY_METRICS_PORT has it)
+    metrics = HealthServer("127.0.0.1", 0, None, name="metrics")
+    await metrics.start()
+    try:
+        async with http.get(f"http://127.0.0.1:{metrics.port}/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+    finally:
+        await metrics.stop()
     assert 'authnotify_notifications_received_total{outcome="SUCCESS",provider="ams"}' in text
     assert 'authnotify_notifications_received_total{outcome="INVALID_CLIENT",provider="ams"}' in text
     assert "authnotify_publish_confirm_seconds_count" in text
@@ -384,7 +392,8 @@ def test_the_ingress_refuses_to_start_with_no_provider_configured(tmp_path: Any)
     result = _ingress_cli({}, tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "authnotify: no provider configured: set AUTHNOTIFY_AMS_CLIENT_ID or AUTHNOTIFY_APS_CLIENT_ID"
+        "authnotify: configuration: AUTHNOTIFY_AMS_CLIENT_ID or AUTHNOTIFY_APS_CLIENT_ID: no provider configured "
+        "(set at least one)"
     ]
 
 
@@ -430,3 +439,45 @@ async def test_header_bytes_that_are_not_utf8_are_refused_not_crashed_on(
         assert status_line.startswith(b"HTTP/1.1 401"), (name, answer[:200])
         assert orjson.loads(rest.split(b"\r\n\r\n", 1)[1])["result"]["resultCode"] == code
     assert await message_counts(amqp_connection, ingress.topology) == {}
+
+
+@pytest.mark.slow
+async def test_metrics_answer_on_their_own_port_never_on_the_one_alipay_reaches(tmp_path: Any, keys: Keys) -> None:
+    """Issue 10: /metrics answered on the Alipay-facing port."""
+    import os
+    import socket
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
+    http_port, metrics_port = free_port(), free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AUTHNOTIFY_")}
+    env.update({"AUTHNOTIFY_HTTP_HOST": "127.0.0.1", "AUTHNOTIFY_HTTP_PORT": str(http_port),
+                "AUTHNOTIFY_METRICS_PORT": str(metrics_port), "AUTHNOTIFY_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/",
+                "AUTHNOTIFY_AMS_CLIENT_ID": "C", "AUTHNOTIFY_AMS_PRIVATE_KEY": keys.ours.private_pem,
+                "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": keys.alipay.public_pem})
+    process = subprocess.Popen([sys.executable, "-m", "authnotify", "ingress"], env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{http_port}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "the ingress did not start"
+                await asyncio.sleep(0.1)
+            async with http.get(f"http://127.0.0.1:{http_port}/metrics") as response:
+                assert response.status == 404
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                assert response.status == 200
+                assert "authnotify_broker_connected" in await response.text()
+    finally:
+        process.terminate()
+        process.wait(30)

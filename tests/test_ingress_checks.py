@@ -26,7 +26,9 @@ from tests.ingress_harness import (
     ProviderCase,
     RunningIngress,
     answer_signature_verifies,
+    epoch_ms_request_time,
     ingress_on_memory,
+    iso_request_time,
     notification_headers,
     rejection_rows,
 )
@@ -133,3 +135,153 @@ async def test_publishes_awaiting_confirms_beyond_the_limit_answer_429(
     assert statuses == [200, 200, 429, 429, 429, 429]
     assert all(result["resultCode"] == "REQUEST_TRAFFIC_EXCEED_LIMIT" for status, result, _ in answers if status == 429)
     assert len(publisher.published) == 2
+
+
+# --- a hostile world: replays, slow clients (issues 2 and 3) ------------------------------------------
+
+TOLERANCE = 26 * 3600  # AUTHNOTIFY_REQUEST_TIME_TOLERANCE's default: Alipay retries for 24 hours
+
+
+def request_time(form: str, shift_seconds: float) -> str:
+    return (iso_request_time(shift_seconds=shift_seconds, offset_hours=8) if form == "iso"
+            else epoch_ms_request_time(shift_seconds))
+
+
+@pytest.mark.parametrize("form", ["iso", "epoch-ms"])
+async def test_request_time_is_accepted_just_inside_the_window_and_refused_just_outside(
+    form: str, offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
+) -> None:
+    publisher = InMemoryPublisher()
+    case = PROVIDER_CASES[1]
+    edges = [(-TOLERANCE + 60, 200), (-TOLERANCE - 60, 401), (9 * 60, 200), (11 * 60, 401), (0, 200)]
+    async with ingress_on_memory(offline_settings(), publisher) as ingress:
+        for index, (shift, expected) in enumerate(edges):
+            body = token_created(f"{form}-{index}")
+            headers = notification_headers(keys.alipay.private_key, case, body,
+                                           request_time=request_time(form, shift))
+            status, result, _ = await post(http, ingress, case, body, headers)
+            assert status == expected, (form, shift)
+            if expected == 401:
+                assert (result["resultCode"], result["resultStatus"]) == ("INVALID_SIGNATURE", "F")
+    assert len(publisher.published) == 3  # the refused ones published nothing
+
+
+@pytest.mark.parametrize("value", ["2001-01-01T00:00:00+00:00", "2099-01-01T00:00:00+00:00", "not-a-time",
+                                   "978307200000", "4070908800000", "2026-13-45T99:00:00+08:00"])
+async def test_a_replayed_or_unreadable_request_time_is_refused_and_publishes_nothing(
+    value: str, offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
+) -> None:
+    """Issue 3: identical replays, and Request-Time values of 2001, 2099 and not-a-time, were all published."""
+    publisher = InMemoryPublisher()
+    case = PROVIDER_CASES[0]
+    body = token_created()
+    headers = notification_headers(keys.alipay.private_key, case, body, request_time=value)  # validly signed
+    async with ingress_on_memory(offline_settings(), publisher) as ingress:
+        status, result, _ = await post(http, ingress, case, body, headers)
+    assert (status, result["resultCode"], result["resultStatus"]) == (401, "INVALID_SIGNATURE", "F")
+    assert publisher.published == []
+
+
+async def test_a_captured_request_replays_only_within_the_window(
+    offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
+) -> None:
+    publisher = InMemoryPublisher()
+    case = PROVIDER_CASES[0]
+    body = token_created()
+    captured = notification_headers(keys.alipay.private_key, case, body,
+                                    request_time=iso_request_time(shift_seconds=-TOLERANCE - 3600))
+    async with ingress_on_memory(offline_settings(), publisher) as ingress:
+        answers = [await post(http, ingress, case, body, captured) for _ in range(3)]
+    assert {status for status, _, _ in answers} == {401}
+    assert publisher.published == []
+
+
+async def _raw_request(url: str, case: ProviderCase, headers: dict[str, str], declared: int,
+                       sent: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"POST {case.path} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {declared}\r\n\r\n".encode() + sent)
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.slow  # waits on the body timeout and the lingering close
+async def test_a_body_that_does_not_arrive_in_time_is_answered_408_u_and_the_connection_closed(
+    offline_settings: Callable[..., Settings], keys: Keys,
+) -> None:
+    """Issue 2: nothing bounded the time to read a body."""
+    publisher = InMemoryPublisher()
+    case = PROVIDER_CASES[0]
+    body = token_created()
+    headers = notification_headers(keys.alipay.private_key, case, body)
+    async with ingress_on_memory(offline_settings(ingress_body_timeout="300ms"), publisher) as ingress:
+        reader, writer = await _raw_request(ingress.url, case, headers, len(body), body[:10])
+        started = asyncio.get_running_loop().time()
+        answer = await asyncio.wait_for(reader.read(), 5)  # read() to EOF: the ingress closes the connection
+        elapsed = asyncio.get_running_loop().time() - started
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408")
+    result = orjson.loads(rest.split(b"\r\n\r\n", 1)[1])["result"]
+    assert (result["resultCode"], result["resultStatus"]) == ("UNKNOWN_EXCEPTION", "U")  # Alipay retries
+    assert 0.25 < elapsed < 3
+    assert publisher.published == []
+
+
+@pytest.mark.slow  # waits for bodies to age past the eviction age, and on closed connections
+async def test_slow_bodies_beyond_the_byte_budget_are_cut_off_and_a_valid_notification_still_succeeds(
+    offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
+) -> None:
+    """Issue 2: 4,000 trickling bodies took the process past its memory limit. A budget of 256 KiB here stands
+    in for the production 64 MiB; tests/bench/slowloris_bench.py measures the real thing."""
+    from authnotify.ingress.checks import BodyBudget
+
+    publisher = InMemoryPublisher()
+    case = PROVIDER_CASES[0]
+    budget = BodyBudget(256 * 1024, eviction_age=0.1)
+    headers = notification_headers(keys.alipay.private_key, case, token_created())
+    async with ingress_on_memory(offline_settings(), publisher, body_budget=budget) as ingress:
+        slow = []
+        peak = 0
+        for _ in range(12):  # 12 x 60,000 bytes held would be 720 KB
+            slow.append(await _raw_request(ingress.url, case, headers, 65000, b"x" * 60000))
+            await asyncio.sleep(0.03)
+            peak = max(peak, budget.held)
+        await asyncio.sleep(0.2)
+        body = token_created("valid")
+        started = asyncio.get_running_loop().time()
+        status, result, _ = await post(http, ingress, case, body, notification_headers(keys.alipay.private_key, case, body))
+        answered_in = asyncio.get_running_loop().time() - started
+        async def closed_by_the_ingress(reader: asyncio.StreamReader) -> bool:
+            try:
+                await asyncio.wait_for(reader.read(), 0.5)  # returns once the ingress has closed it
+            except TimeoutError:
+                return False
+            return True
+
+        cut = sum(await asyncio.gather(*(closed_by_the_ingress(reader) for reader, _ in slow)))
+        for _, writer in slow:
+            writer.close()
+    assert peak <= budget.limit
+    assert budget.evictions >= 8 and cut >= 8
+    assert (status, result["resultCode"]) == (200, "SUCCESS") and answered_in < 5
+    assert [p.message.body for p in publisher.published] == [body]
+
+
+def test_idle_keep_alive_closes_after_75_seconds_and_the_open_file_limit_is_raised() -> None:
+    import resource
+
+    from aiohttp import web
+
+    from authnotify.ingress.server import KEEPALIVE_TIMEOUT_SECONDS, ingress_runner, raise_open_file_limit
+
+    assert KEEPALIVE_TIMEOUT_SECONDS == 75
+    assert ingress_runner(web.Application())._kwargs["keepalive_timeout"] == 75
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    try:
+        assert raise_open_file_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

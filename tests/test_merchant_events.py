@@ -131,8 +131,34 @@ def test_registry_secret_sizes_and_missing_file(tmp_path: Path) -> None:
             parse_merchant_registry(toml_entry("default", "https://x.example", generate_secret(size)))
     with pytest.raises(ConfigError, match="no such file"):
         load_merchant_registry(tmp_path / "absent.toml")
-    endpoint = Endpoint("default", "https://x.example", generate_secret())
-    assert endpoint.secret not in repr(endpoint)
+    endpoint = Endpoint("default", "https://x.example", (generate_secret(), generate_secret()))
+    assert all(secret not in repr(endpoint) for secret in endpoint.secrets)
+
+
+def test_registry_takes_a_list_of_secrets_for_rotation_and_names_a_bad_one() -> None:
+    new, old = generate_secret(), generate_secret()
+    registry = parse_merchant_registry(f'[merchants.default]\nurl = "https://x.example"\nsecrets = ["{new}", "{old}"]\n')
+    assert registry.default is not None and registry.default.secrets == (new, old)
+    with pytest.raises(ConfigError, match=r"\[merchants.default\] secrets\[2\] must be whsec_"):
+        parse_merchant_registry(f'[merchants.default]\nurl = "https://x.example"\nsecrets = ["{new}", "nope"]\n')
+    with pytest.raises(ConfigError, match="secret or secrets, not both"):
+        parse_merchant_registry(f'[merchants.default]\nurl = "https://x.example"\nsecret = "{new}"\nsecrets = ["{old}"]\n')
+    with pytest.raises(ConfigError, match="secret is required"):
+        parse_merchant_registry('[merchants.default]\nurl = "https://x.example"\nsecrets = []\n')
+
+
+def test_every_listed_secret_signs_so_a_merchant_verifying_with_either_accepts() -> None:
+    new, old = generate_secret(), generate_secret()
+    endpoint = Endpoint("default", "https://x.example", (new, old))
+    event = event_for()
+    payload = event.to_json()
+    headers = signed_headers(endpoint, event.id, payload)
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    assert all(part.startswith("v1,") for part in headers["webhook-signature"].split(" "))
+    for secret in (new, old):  # the merchant's side, mid-rotation, knows one of them
+        Webhook(secret).verify(payload, headers)
+    with pytest.raises(Exception):  # noqa: B017 - any verification failure will do
+        Webhook(generate_secret()).verify(payload, headers)
 
 
 async def test_merchant_events_worker_requires_the_merchants_file(make_settings: Callable[..., Settings]) -> None:
@@ -168,7 +194,7 @@ async def test_sandbox_endpoint_refuses_a_wrong_signature(endpoints: Callable[..
     running = await endpoints()
     event = event_for()
     payload = event.to_json()
-    wrong = Endpoint("default", running.url_for(), generate_secret())
+    wrong = Endpoint("default", running.url_for(), (generate_secret(),))
     async with aiohttp.ClientSession() as http:
         async with http.post(running.url_for(), data=payload, headers=signed_headers(wrong, event.id, payload)) as r:
             assert r.status == 401
@@ -184,7 +210,7 @@ async def test_handler_errors_say_what_the_merchant_did(
     endpoints: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running = await endpoints()
-    endpoint = Endpoint("default", running.url_for(), running.endpoint.secret)
+    endpoint = Endpoint("default", running.url_for(), (running.endpoint.secret,))
     registry = parse_merchant_registry(toml_entry("default", running.url_for(), running.endpoint.secret))
     async with aiohttp.ClientSession() as http:
         running.endpoint.fail(1, status=503)
@@ -197,16 +223,62 @@ async def test_handler_errors_say_what_the_merchant_did(
             await handle_merchant_event(event_for(), context(), registry=registry, http=http)
         running.endpoint.delay_seconds = 0
 
-        closed = await endpoints(endpoint.secret)
+        closed = await endpoints(endpoint.secrets[0])
         url = closed.url_for()
         await closed.aclose()
-        unreachable = parse_merchant_registry(toml_entry("default", url, endpoint.secret))
+        unreachable = parse_merchant_registry(toml_entry("default", url, endpoint.secrets[0]))
         with pytest.raises(TransientError, match="^merchant 'default' unreachable"):
             await handle_merchant_event(event_for(), context(), registry=unreachable, http=http)
 
-        only_m1 = parse_merchant_registry(toml_entry("M-1", running.url_for(), endpoint.secret))
+        only_m1 = parse_merchant_registry(toml_entry("M-1", running.url_for(), endpoint.secrets[0]))
         with pytest.raises(PermanentError, match="referenceMerchantId 'M-9' or authClientId 'C-9'"):
             await handle_merchant_event(event_for(merchant="M-9", client="C-9"), context(), registry=only_m1, http=http)
+
+
+async def test_a_merchant_answering_for_ever_is_read_64_kib_and_cut_off(endpoints: Callable[..., Any]) -> None:
+    """Issue 4: a 200 answer of 400 MB was read whole and took the worker to 886 MiB."""
+    import asyncio
+
+    from aiohttp import web
+
+    written = {"bytes": 0, "ended": asyncio.Event()}
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            while written["bytes"] < 400 * 1024 * 1024:
+                await response.write(chunk)
+                written["bytes"] += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            written["ended"].set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hooks", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    secret = generate_secret()
+    registry = parse_merchant_registry(toml_entry("default", f"http://{host}:{port}/hooks", secret))
+    import structlog
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            with structlog.contextvars.bound_contextvars():
+                async with asyncio.timeout(10):
+                    await handle_merchant_event(event_for(), context(), registry=registry, http=http)
+                read = structlog.contextvars.get_contextvars()["answer_bytes_read"]
+            await asyncio.wait_for(written["ended"].wait(), 10)  # the connection was dropped, not drained
+    finally:
+        await runner.cleanup()
+    assert read <= merchant_events.MAX_ANSWER_BYTES + 1
+    assert written["bytes"] < 32 * 1024 * 1024  # what the socket buffers took, not the 400 MB
 
 
 # --- the worker on the real broker -----------------------------------------------------------------
@@ -394,3 +466,9 @@ async def test_event_without_endpoint_or_with_a_bad_body_is_dead_lettered_at_onc
     assert reasons["bad-1"].startswith("not a merchant event: ")
     assert all(m.headers[h.DEAD_ATTEMPTS] == 1 for m in dead)
     assert merchant.endpoint.requests == []
+
+
+def test_an_entry_with_an_events_filter_keeps_its_secrets() -> None:
+    secret = generate_secret()
+    registry = parse_merchant_registry(toml_entry("M-1", "https://x.example", secret, ["authorization.canceled"]))
+    assert registry.entries["M-1"].secrets == (secret,)

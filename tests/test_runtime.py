@@ -512,7 +512,7 @@ async def test_worker_command_serves_health_and_exits_0_on_sigterm(make_settings
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env.update({
-        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
+        "AUTHNOTIFY_RABBITMQ_URL": settings.broker_url(),
         "AUTHNOTIFY_NAMESPACE": settings.namespace,
         "AUTHNOTIFY_RETRY_DELAYS": FAST_RETRIES,
         "AUTHNOTIFY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/worker.db",

@@ -82,8 +82,8 @@ async def test_no_raw_token_or_code_in_logs_database_dead_letters_or_merchant_ev
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env.update({
-        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
-        "AUTHNOTIFY_DATABASE_URL": settings.database_url,
+        "AUTHNOTIFY_RABBITMQ_URL": settings.broker_url(),
+        "AUTHNOTIFY_DATABASE_URL": settings.store_url(),
         "AUTHNOTIFY_NAMESPACE": settings.namespace,
         "AUTHNOTIFY_QUEUE_TYPE": settings.queue_type,
         "AUTHNOTIFY_TOKEN_KEYS": token_key,
@@ -152,3 +152,89 @@ async def test_no_raw_token_or_code_in_logs_database_dead_letters_or_merchant_ev
         assert secret.encode() not in stored, "a raw value in the database file"
         assert secret not in reasons, "a raw value in a dead-letter reason"
         assert secret.encode() not in delivered, "a raw value in a merchant event"
+
+
+# --- settings and start-up lines (issue 6) ------------------------------------------------------------
+
+BROKER_PASSWORD = "BrokerPw" + uuid.uuid4().hex[:12]
+DATABASE_PASSWORD = "DatabasePw" + uuid.uuid4().hex[:12]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _secret_environment(keys: TestKeys, tmp_path: Path) -> tuple[dict[str, str], list[str]]:
+    from cryptography.fernet import Fernet
+
+    token_key = Fernet.generate_key().decode()
+    merchant_secret = generate_secret()
+    merchants = tmp_path / "merchants.toml"
+    merchants.write_text(f'[merchants.default]\nurl = "http://127.0.0.1:9/h"\nsecret = "{merchant_secret}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
+    env.update({
+        # Nothing listens on port 1: every process starts, logs its start-up lines, and keeps retrying.
+        "AUTHNOTIFY_RABBITMQ_URL": f"amqp://authnotify:{BROKER_PASSWORD}@127.0.0.1:1/",
+        "AUTHNOTIFY_DATABASE_URL": f"postgresql://authnotify:{DATABASE_PASSWORD}@127.0.0.1:1/authnotify?sslmode=require",
+        "AUTHNOTIFY_TOKEN_KEYS": token_key,
+        "AUTHNOTIFY_MERCHANTS_FILE": str(merchants),
+        "AUTHNOTIFY_AMS_CLIENT_ID": AMS_CLIENT_ID,
+        "AUTHNOTIFY_AMS_PRIVATE_KEY": keys.ours.private_pem,
+        "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": keys.alipay.public_pem,
+        "AUTHNOTIFY_AMS_CUSTOMER_BELONGS_TO": "ALIPAY_CN",
+        "AUTHNOTIFY_HTTP_HOST": "127.0.0.1",
+        "AUTHNOTIFY_HTTP_PORT": str(_free_port()),
+        "AUTHNOTIFY_METRICS_PORT": str(_free_port()),
+        "AUTHNOTIFY_WORKER_HTTP_PORT": "0",
+        "AUTHNOTIFY_LOG_FORMAT": "json",
+        "AUTHNOTIFY_SIMULATE_ALIPAY_PRIVATE_KEY": keys.alipay.private_pem,
+    })
+    private_body = "".join(keys.ours.private_pem.splitlines()[1:-1])
+    alipay_body = "".join(keys.alipay.private_pem.splitlines()[1:-1])
+    secrets = [BROKER_PASSWORD, DATABASE_PASSWORD, token_key, merchant_secret, merchant_secret.removeprefix("whsec_"),
+               private_body[64:128], alipay_body[64:128], "PRIVATE KEY"]
+    return env, secrets
+
+
+def test_no_settings_object_shows_a_secret(keys: TestKeys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from authnotify.config import DevSettings, Need, Settings, SimulateSettings, check_needs, load
+
+    env, secrets = _secret_environment(keys, tmp_path)
+    for name, value in env.items():
+        if name.startswith("AUTHNOTIFY_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    settings = load(Settings)
+    check_needs(settings, set(Need))  # every secret read and parsed, as a process that needs all would
+    shown = [repr(settings), str(settings), repr(settings.model_dump()), repr(settings.providers()),
+             repr(settings.token_keys), repr(load(DevSettings)), repr(load(SimulateSettings)),
+             str(load(SimulateSettings).model_dump())]
+    for text in shown:
+        for secret in secrets:
+            assert secret not in text, (secret[:12], text[:200])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["ingress"], ["worker"], ["worker", "merchant-events"], ["topology"],
+                                     ["migrate"], ["dlq", "list"], ["authorizations", "list"],
+                                     ["reencrypt-tokens"]])
+def test_no_start_up_line_or_error_shows_a_secret(keys: TestKeys, tmp_path: Path, command: list[str]) -> None:
+    env, secrets = _secret_environment(keys, tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "authnotify", *command], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=4)
+    except subprocess.TimeoutExpired:  # a service, still retrying the broker: stop it and read what it said
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    text = output.decode("utf-8", "replace")
+    assert text.strip(), "the command said nothing"
+    assert "configuration" not in text, text  # it got past its configuration: what follows is its own output
+    if command[0] == "ingress":
+        assert "ingress_listening" in text, text[-500:]
+    for secret in secrets:
+        assert secret not in text, (command, secret[:12], text[-500:])

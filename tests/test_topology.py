@@ -106,3 +106,37 @@ async def test_a_rejected_message_is_dead_lettered_by_the_broker_with_its_histor
     assert dead.body == b"poison"
     [death] = dead.headers["x-death"]
     assert death["reason"] == "rejected" and death["queue"] == queue
+
+
+async def test_a_broker_user_that_may_not_declare_checks_the_topology_passively(queue_type: str) -> None:
+    """Per-role broker users (deploy/k8s/base/broker-users.yaml) may not declare; they find the topology the
+    operator's user declared. A fake channel stands in: giving the shared broker a restricted user would
+    reconfigure it."""
+    import aiormq.exceptions
+
+    from authnotify.config import Settings
+
+    class RefusingChannel:
+        def __init__(self) -> None:
+            self.passive: list[str] = []
+            self.reopened = False
+
+        async def declare_exchange(self, name: str, *args: object, **kwargs: object) -> None:
+            raise aiormq.exceptions.ChannelAccessRefused("ACCESS_REFUSED - configure access to exchange")
+
+        async def reopen(self) -> None:
+            self.reopened = True
+
+        async def get_exchange(self, name: str, ensure: bool = True) -> None:
+            assert ensure
+            self.passive.append(name)
+
+        async def declare_queue(self, name: str, passive: bool = False, **kwargs: object) -> None:
+            assert passive, f"{name} declared without permission"
+            self.passive.append(name)
+
+    topology = build_topology(Settings(_env_file=None, queue_type=queue_type))  # type: ignore[call-arg]
+    channel = RefusingChannel()
+    await declare_topology(channel, topology)  # type: ignore[arg-type]
+    assert channel.reopened
+    assert channel.passive == [spec.name for spec in topology.exchanges()] + list(topology.all_queue_names())

@@ -41,8 +41,8 @@ BATCH = 200
 def worker_env(settings: Settings, token_key: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
     env.update({
-        "AUTHNOTIFY_RABBITMQ_URL": settings.rabbitmq_url,
-        "AUTHNOTIFY_DATABASE_URL": settings.database_url,
+        "AUTHNOTIFY_RABBITMQ_URL": settings.broker_url(),
+        "AUTHNOTIFY_DATABASE_URL": settings.store_url(),
         "AUTHNOTIFY_NAMESPACE": settings.namespace,
         "AUTHNOTIFY_QUEUE_TYPE": settings.queue_type,
         "AUTHNOTIFY_TOKEN_KEYS": token_key,
@@ -70,7 +70,7 @@ async def test_worker_killed_mid_batch_stores_each_authorization_once_with_one_e
     events_queue = topology.consumer_queue(Consumer.MERCHANT_EVENTS)
     channel = await amqp_connection.channel(publisher_confirms=True)
     await declare(channel, settings)
-    schema = await Store.connect(settings.database_url, settings.token_keys)  # schema in place before workers race
+    schema = await Store.connect(settings.store_url(), settings.token_keys)  # schema in place before workers race
     await schema.close()
 
     tokens = [f"AT{uuid.uuid4().hex}{i:04d}" for i in range(BATCH)]
@@ -117,7 +117,7 @@ async def test_worker_killed_mid_batch_stores_each_authorization_once_with_one_e
     # Duplicate event messages only come from messages held at the kill (at most the prefetch).
     assert len(events) - BATCH <= 64
 
-    store = await Store.connect(settings.database_url, settings.token_keys)
+    store = await Store.connect(settings.store_url(), settings.token_keys)
     try:
         rows = await store.list_authorizations()
     finally:

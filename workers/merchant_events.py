@@ -28,12 +28,30 @@ log = get_logger("authnotify.merchant_events")
 
 DELIVERY_TIMEOUT_SECONDS = 15.0
 USER_AGENT = "authnotify-webhooks/1"
+# Only the status counts; of the body, at most this much is read, and a longer one is not read at all (the
+# connection is dropped instead), whatever the merchant sends.
+MAX_ANSWER_BYTES = 64 * 1024
+
+
+async def read_at_most(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> int:
+    """Reads up to ``limit`` bytes of the answer and returns how many were read; past that the connection is
+    closed instead of read (a short answer leaves it reusable)."""
+    read = 0
+    while read <= limit:
+        chunk = await response.content.read(limit + 1 - read)  # whatever has arrived, up to what is left
+        if not chunk:
+            return read
+        read += len(chunk)
+    response.close()  # not release(): that would keep reading to the end
+    return read
 
 
 def signed_headers(endpoint: Endpoint, event_id: str, payload: bytes, now: datetime | None = None) -> dict[str, str]:
-    """The Standard Webhooks headers for one attempt: id, whole-second timestamp, ``v1,<HMAC>``."""
+    """The Standard Webhooks headers for one attempt: id, whole-second timestamp, and ``v1,<HMAC>`` by each of
+    the entry's secrets, space-separated (a merchant rotating its secret verifies with either)."""
     moment = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
-    signature = endpoint.webhook.sign(event_id, moment, payload.decode("utf-8"))
+    text = payload.decode("utf-8")
+    signature = " ".join(webhook.sign(event_id, moment, text) for webhook in endpoint.webhooks)
     return {
         "webhook-id": event_id,
         "webhook-timestamp": str(int(moment.timestamp())),
@@ -87,7 +105,7 @@ async def handle_merchant_event(
             allow_redirects=False,  # a redirect is not a delivery; Standard Webhooks senders treat 3xx as failure
         ) as response:
             status = response.status
-            await response.read()
+            answer_bytes = await read_at_most(response)
     except TimeoutError:
         MERCHANT_DELIVERIES.labels("failed").inc()
         raise TransientError(
@@ -103,7 +121,7 @@ async def handle_merchant_event(
         MERCHANT_DELIVERIES.labels("failed").inc()
         raise TransientError(f"merchant {endpoint.name!r} answered HTTP {status}")
     MERCHANT_DELIVERIES.labels("delivered").inc()
-    annotate(delivery="delivered", http_status=status, **fields)
+    annotate(delivery="delivered", http_status=status, answer_bytes_read=answer_bytes, **fields)
 
 
 def parse_merchant_event(body: bytes, context: MessageContext) -> MerchantEvent:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from authnotify.config import Settings
+from authnotify.config import Settings, check_needs
 from authnotify.errors import EXIT_OK, CommandError
 from authnotify.messaging.connection import Broker
 from authnotify.messaging.consumer import DRAIN_TIMEOUT_SECONDS, ConsumerRuntime, ConsumerSpec
@@ -17,7 +17,7 @@ from authnotify.messaging.lifecycle import Lifecycle
 from authnotify.messaging.publisher import ConfirmedPublisher
 from authnotify.messaging.topology import build_topology
 from authnotify.observability.logging import get_logger
-from authnotify.workers.registry import build_specs
+from authnotify.workers.registry import build_specs, needs_of
 from authnotify.workers.resources import Resources
 
 log = get_logger("authnotify.worker")
@@ -34,7 +34,7 @@ class Workers:
                  broker: Broker | None = None, drain_timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
         names = ",".join(spec.consumer.value for spec in specs)
         self._own_broker = broker is None
-        self.broker = broker or Broker(settings.rabbitmq_url, build_topology(settings),
+        self.broker = broker or Broker(settings.broker_url(), build_topology(settings),
                                        connection_name=f"authnotify-worker:{names}")
         self.publisher = ConfirmedPublisher(self.broker, name="worker", confirm_timeout=PUBLISH_TIMEOUT_SECONDS)
         self.runtime = ConsumerRuntime(self.broker, self.publisher, specs, drain_timeout=drain_timeout)
@@ -71,6 +71,7 @@ class Workers:
 
 async def run_workers(settings: Settings, names: Sequence[str]) -> int:
     """Until SIGTERM or SIGINT; a consumer that cannot start (a queue with other arguments) ends it."""
+    check_needs(settings, needs_of(names))
     async with Lifecycle() as lifecycle:
         resources = Resources(settings)
         lifecycle.on_stop(resources.aclose)

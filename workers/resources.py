@@ -27,7 +27,7 @@ class Resources:
         """The store, opened once with migrations applied (several consumers may ask at once)."""
         async with self._store_lock:
             if self._store is None:
-                self._store = await open_store(self.settings.database_url, self.settings.require_token_keys())
+                self._store = await open_store(self.settings.store_url(), self.settings.require_token_keys())
             return self._store
 
     async def http(self) -> aiohttp.ClientSession:

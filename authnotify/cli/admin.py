@@ -12,7 +12,7 @@ from authnotify.store.migrations import upgrade_database
 
 async def declare_topology_command(settings: Settings) -> int:
     topology = build_topology(settings)
-    async with command_connection(settings.rabbitmq_url, topology):
+    async with command_connection(settings.broker_url(), topology):
         pass
     print(f"declared {len(topology.exchanges())} exchanges and {len(topology.queues())} queues "
           f"in namespace {topology.namespace}")
@@ -21,7 +21,7 @@ async def declare_topology_command(settings: Settings) -> int:
 
 async def migrate_command(settings: Settings) -> int:
     try:
-        revision = await upgrade_database(settings.database_url)
+        revision = await upgrade_database(settings.store_url())
     except StoreError as exc:
         raise CommandError(f"authnotify: {exc}") from None
     except OSError as exc:
@@ -35,7 +35,7 @@ async def reencrypt_tokens_command(settings: Settings) -> int:
     old keys can then be dropped from the list."""
     token_keys = settings.require_token_keys()
     try:
-        store = await open_store(settings.database_url, token_keys)
+        store = await open_store(settings.store_url(), token_keys)
         try:
             count = await store.reencrypt_tokens()
         finally:

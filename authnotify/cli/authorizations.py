@@ -33,7 +33,7 @@ _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        store = await open_store(settings.database_url, None)
+        store = await open_store(settings.store_url(), None)
     except StoreError as exc:
         raise CommandError(f"authnotify: {exc}") from None
     try:

@@ -65,7 +65,7 @@ def _plural(count: int) -> str:
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        async with DeadLetterQueues.open(settings.rabbitmq_url, build_topology(settings),
+        async with DeadLetterQueues.open(settings.broker_url(), build_topology(settings),
                                          operation=f"dlq {args.dlq_command}") as queues:
             return await _run(queues, args)
     except PublishFailed as exc:

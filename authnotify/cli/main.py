@@ -16,11 +16,21 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from authnotify import __version__
-from authnotify.config import Settings, load_settings
+from authnotify.config import Need, Settings, check_needs, load_settings
 from authnotify.config.settings import unknown_variables
 from authnotify.config.values import positive_int
 from authnotify.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError, ConfigError
 from authnotify.messaging.topology import CONSUMER_NAMES
+
+# What each operator command reads of the configuration, checked before it starts (the services declare
+# their own: authnotify.ingress.server.INGRESS_NEEDS, each consumer's line in authnotify.workers.registry).
+COMMAND_NEEDS: dict[str, frozenset[Need]] = {
+    "topology": frozenset({Need.BROKER}),
+    "migrate": frozenset({Need.DATABASE}),
+    "reencrypt-tokens": frozenset({Need.DATABASE, Need.TOKEN_KEYS}),
+    "dlq": frozenset({Need.BROKER}),
+    "authorizations": frozenset({Need.DATABASE}),  # lists and shows; nothing is decrypted
+}
 
 
 def _consumer_name(value: str) -> str:
@@ -110,6 +120,7 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
         return _run(lambda: dev.run(args))
 
     settings = settings_factory()
+    check_needs(settings, COMMAND_NEEDS.get(command, ()))
     if command in ("ingress", "worker"):
         configure_logging(settings.log_format, settings.log_level)
     else:  # a one-shot command: its own warnings only, and one line when it fails (no library chatter)

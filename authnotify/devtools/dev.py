@@ -46,11 +46,14 @@ from authnotify.devtools.sandbox.alipay_gateway import AlipayGateway, start_alip
 from authnotify.devtools.sandbox.merchant_endpoint import MerchantEndpoint
 from authnotify.errors import EXIT_OK, EXIT_USAGE, CommandError
 from authnotify.ingress.app import create_app
-from authnotify.ingress.server import DRAIN_TIMEOUT_SECONDS, LISTEN_BACKLOG
+from authnotify.ingress.server import LISTEN_BACKLOG
+from authnotify.ingress.server import ingress_runner as ingress_runner_for
 from authnotify.messaging.connection import BrokerUnreachable, connect_once
+from authnotify.messaging.health import HealthServer
 from authnotify.messaging.lifecycle import Lifecycle
 from authnotify.messaging.topology import CONSUMER_NAMES
 from authnotify.observability.logging import configure_logging, get_logger
+from authnotify.observability.redaction import mask_url
 from authnotify.workers.process import Workers
 from authnotify.workers.registry import build_specs
 from authnotify.workers.resources import Resources
@@ -67,7 +70,7 @@ DEV_PROVIDER_CLIENT_IDS = {"ams": DEV_AMS_CLIENT_ID, "aps": DEV_APS_CLIENT_ID}
 async def check_broker(settings: Settings) -> None:
     """One plain connection attempt, so a missing broker is one clear line instead of endless retries."""
     try:
-        connection = await connect_once(settings.rabbitmq_url, timeout=BROKER_CHECK_TIMEOUT_SECONDS)
+        connection = await connect_once(settings.broker_url(), timeout=BROKER_CHECK_TIMEOUT_SECONDS)
     except BrokerUnreachable as exc:
         raise CommandError(
             f"authnotify dev: no RabbitMQ at {exc.url} ({exc.reason}): start one with "
@@ -150,10 +153,10 @@ def _simulate_command() -> str:
 
 
 def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url: str, merchant_url: str,
-               dev_providers: list[str]) -> str:
+               dev_providers: list[str], metrics_url: str) -> str:
     lines = [
         f"authnotify dev: ingress and {len(CONSUMER_NAMES)} consumers in one process "
-        f"(namespace {settings.namespace}, {settings.queue_type} queues, {settings.database_url})",
+        f"(namespace {settings.namespace}, {settings.queue_type} queues, {mask_url(settings.store_url())})",
         f"  development keys   {keys.directory} "
         + (f"(created: {', '.join(keys.created)})" if keys.created else "(reused)"),
     ]
@@ -171,8 +174,8 @@ def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url:
         f"  merchant endpoint  {merchant_url}  (prints each event it receives, below)"
         + ("" if settings.merchants_file == keys.path(MERCHANTS_FILE)
            else f"\n                     events go where {settings.merchants_file} says (AUTHNOTIFY_MERCHANTS_FILE)"),
-        f"  metrics            {ingress_url}/metrics   health {ingress_url}/healthz, {ingress_url}/readyz",
-        f"  database           {settings.database_url}   (authnotify authorizations list, in this directory)",
+        f"  metrics            {metrics_url}   health {ingress_url}/healthz, {ingress_url}/readyz",
+        f"  database           {mask_url(settings.store_url())}   (authnotify authorizations list, in this directory)",
         "Send a first notification, from another terminal in this directory:",
         f"  {_simulate_command()}",
         "Stop with Ctrl-C.",
@@ -252,8 +255,7 @@ async def run(args: argparse.Namespace) -> int:
         await workers.start()
         lifecycle.on_stop(_quietly(workers.stop))
 
-        ingress_runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False,
-                                       shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
+        ingress_runner = ingress_runner_for(create_app(settings))
         await ingress_runner.setup()
         lifecycle.on_stop(_quietly(ingress_runner.cleanup))
         try:
@@ -264,15 +266,21 @@ async def run(args: argparse.Namespace) -> int:
                                f"for the ingress ({exc.strerror or exc}): set AUTHNOTIFY_HTTP_PORT") from None
         host = LOCALHOST if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host
         ingress_url = f"http://{host}:{settings.http_port}"
+        # The ingress's /metrics on a listener of its own, as in production: the configured port, else any.
+        metrics = HealthServer(settings.http_host, settings.metrics_port if "metrics_port" in base.model_fields_set
+                               else 0, None, name="metrics")
+        await metrics.start()
+        lifecycle.on_stop(_quietly(metrics.stop))
+        metrics_url = f"http://{host}:{metrics.port}/metrics"
 
         write_dev_description(keys, {
             "ingress_url": ingress_url,
             "gateway_url": gateway_url,
             "merchant_url": merchant_url,
             "merchant_events_url": merchant_base + MERCHANT_EVENTS_PATH,
-            "metrics_url": f"{ingress_url}/metrics",
+            "metrics_url": metrics_url,
             "namespace": settings.namespace,
-            "database_url": settings.database_url,
+            "database_url": mask_url(settings.store_url()),
             "client_ids": {name: config.client_id for name, config in settings.providers().items()},
             "dev_key_providers": dev_providers,
             "pid": os.getpid(),
@@ -288,7 +296,8 @@ async def run(args: argparse.Namespace) -> int:
         if waiting.exception() is not None:
             raise CommandError(f"authnotify dev: the workers did not start within {READY_TIMEOUT_SECONDS:.0f}s "
                                "(is the broker healthy? see the log above)")
-        print(run_banner(settings, keys, ingress_url, gateway_url, merchant_url, dev_providers), flush=True)
+        print(run_banner(settings, keys, ingress_url, gateway_url, merchant_url, dev_providers, metrics_url),
+              flush=True)
         print(READY_LINE, flush=True)
         log.info("dev_ready", ingress=ingress_url, gateway=gateway_url, merchant=merchant_url)
         await lifecycle.run_until_stopped()

@@ -261,7 +261,8 @@ def resolve_identity(args: argparse.Namespace, providers: list[str]) -> Identity
                 f"AUTHNOTIFY_{provider.upper()}_CLIENT_ID, or start `authnotify dev` here first")
         client_ids[provider] = client_id
 
-    private_value = args.alipay_private_key or env.simulate_alipay_private_key
+    private_value = args.alipay_private_key or (
+        env.simulate_alipay_private_key.get_secret_value() if env.simulate_alipay_private_key else None)
     if private_value:
         try:
             alipay_key = load_private_key(private_value)

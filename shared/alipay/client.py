@@ -33,7 +33,8 @@ log = get_logger("authnotify.alipay")
 APPLY_TOKEN_TIMEOUT_SECONDS = 5.0  # Alipay's recommended client timeout
 SANDBOX_CLIENT_PREFIX = "SANDBOX_"
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
-MAX_RESPONSE_BYTES = 256 * 1024  # a token answer is a few hundred bytes; refuse to buffer a runaway body
+# A token answer is a few hundred bytes; read all of it however it is chunked, but never more than this.
+MAX_RESPONSE_BYTES = 1024 * 1024
 
 AMS_APPLY_TOKEN_PATH = "/ams/api/v1/authorizations/applyToken"
 AMS_SANDBOX_APPLY_TOKEN_PATH = "/ams/sandbox/api/v1/authorizations/applyToken"
@@ -87,6 +88,23 @@ class ApplyTokenResult:
     @property
     def succeeded(self) -> bool:
         return self.result_status == "S"
+
+
+class _Oversized(Exception):
+    """The answer is longer than MAX_RESPONSE_BYTES."""
+
+
+async def read_complete_body(response: aiohttp.ClientResponse, limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    """The whole body, however the server splits it over time (``content.read(n)`` returns only what is
+    buffered so far), stopping with :class:`_Oversized` once it is longer than ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _Oversized()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class _Garbled(Exception):
@@ -265,8 +283,11 @@ class AlipayClient:
                 async with self._session.post(url, data=body, headers=headers, allow_redirects=False,
                                               timeout=aiohttp.ClientTimeout(total=None)) as response:
                     status = response.status
-                    response_body = await response.content.read(MAX_RESPONSE_BYTES + 1)
                     response_headers = response.headers
+                    response_body = await read_complete_body(response)
+        except _Oversized:
+            raise AlipayUnavailable(f"{where} answered a body over {MAX_RESPONSE_BYTES // 1024} KiB",
+                                    kind="bad_response") from None
         except TimeoutError:
             raise AlipayUnavailable(f"{where} timed out after {self._timeout:g}s", kind="timeout") from None
         except aiohttp.ClientError as exc:
@@ -278,8 +299,6 @@ class AlipayClient:
 
         if status >= 500:
             raise AlipayUnavailable(f"{where} answered HTTP {status}", kind="http_error")
-        if len(response_body) > MAX_RESPONSE_BYTES:
-            raise AlipayUnavailable(f"{where} answered an oversized body", kind="bad_response")
 
         # Alipay answers with the same Client-Id; one that differs is not an answer to us.
         answered_client_id = response_headers.get("Client-Id") or config.client_id

@@ -124,6 +124,43 @@ def verify_signature_header(
     return verify_signature(keys, header, signed_content(method, path, client_id, time, body))
 
 
+# A naive ISO 8601 time names no offset: it is read under every offset in use, from UTC-12:00 to UTC+14:00.
+_EARLIEST_OFFSET_SECONDS = -12 * 3600
+_LATEST_OFFSET_SECONDS = 14 * 3600
+REQUEST_TIME_FUTURE_SECONDS = 600.0  # clocks drift: a Request-Time up to 10 minutes ahead is accepted
+
+
+def request_time_span(text: str) -> tuple[float, float] | None:
+    """The earliest and latest moment (epoch seconds) a Request-Time header can mean, or None when it cannot
+    be read. Both forms Alipay's SDKs send: ISO 8601 (``2026-11-23T18:00:00+08:00``, ``...Z``, with or
+    without fractions) and epoch milliseconds (``1795435200000``)."""
+    text = text.strip()
+    if not text or len(text) > 40:
+        return None
+    if text.isdigit():
+        moment = int(text) / 1000
+        return moment, moment
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        moment = parsed.timestamp()
+        return moment, moment
+    as_utc = parsed.replace(tzinfo=UTC).timestamp()
+    return as_utc - _LATEST_OFFSET_SECONDS, as_utc - _EARLIEST_OFFSET_SECONDS
+
+
+def request_time_in_window(text: str, now: float, tolerance_seconds: float) -> bool:
+    """True when the Request-Time can be read and lies between ``tolerance_seconds`` before ``now`` and
+    :data:`REQUEST_TIME_FUTURE_SECONDS` after it: a captured request cannot be replayed for ever."""
+    span = request_time_span(text)
+    if span is None:
+        return False
+    earliest, latest = span
+    return latest >= now - tolerance_seconds and earliest <= now + REQUEST_TIME_FUTURE_SECONDS
+
+
 def signature_time(now: datetime | None = None) -> str:
     """An ISO 8601 Request-Time/Response-Time with an explicit offset, second precision."""
     moment = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)

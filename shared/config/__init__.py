@@ -3,6 +3,7 @@
 Layer 1: imports only :mod:`authnotify.errors`.
 """
 
+from authnotify.config.needs import Need, check_needs
 from authnotify.config.settings import (
     ENV_PREFIX,
     PROVIDERS,
@@ -18,6 +19,8 @@ from authnotify.config.settings import (
 
 __all__ = [
     "ENV_PREFIX",
+    "Need",
+    "check_needs",
     "PROVIDERS",
     "DevSettings",
     "Provider",

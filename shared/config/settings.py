@@ -5,6 +5,11 @@ fails the start with one line naming the variable. The classes form one family o
 :class:`EnvironmentSettings`: :class:`Settings` holds the variables of docs/configuration.md,
 :class:`DevSettings` and :class:`SimulateSettings` the developer tools' own ``AUTHNOTIFY_DEV_*`` and
 ``AUTHNOTIFY_SIMULATE_*``.
+
+Secrets (the URLs, which carry passwords, and the RSA keys) are ``SecretStr``: no repr, log line or error
+shows them. Key values are read and parsed only when a process asks for them, so a process never refuses to
+start over a key it does not use; which settings each process needs, and the check at its start, are in
+:mod:`authnotify.config.needs`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from dotenv import dotenv_values
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from authnotify.config.keys import (
@@ -28,7 +33,7 @@ from authnotify.config.keys import (
     load_private_key,
     load_public_key_ring,
 )
-from authnotify.config.values import parse_durations
+from authnotify.config.values import parse_duration, parse_durations
 from authnotify.errors import ConfigError
 
 ENV_PREFIX = "AUTHNOTIFY_"
@@ -36,34 +41,47 @@ PROVIDERS = ("ams", "aps")
 Provider = Literal["ams", "aps"]
 
 
-def _parse_retry_delays(value: Any) -> tuple[float, ...]:
+# Retry delays when neither AUTHNOTIFY_RETRY_DELAYS_<CONSUMER> nor AUTHNOTIFY_RETRY_DELAYS is set: merchants
+# get about 27 hours, like the webhook services they already know; everything else about 2.5 hours.
+DEFAULT_RETRY_DELAYS: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0, 7200.0)
+CONSUMER_DEFAULT_RETRY_DELAYS: dict[str, tuple[float, ...]] = {
+    "merchant-events": (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0),
+}
+
+
+def _parse_retry_delays(value: Any) -> tuple[float, ...] | None:
+    if value is None:
+        return None
     if isinstance(value, (tuple, list)):
         return tuple(float(v) for v in value)
     return parse_durations(str(value))
 
 
-def _parse_private_key(value: Any) -> PrivateKey | None:
-    if value is None or isinstance(value, PrivateKey):
+def _parse_duration(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    return parse_duration(str(value))
+
+
+def _key_text(value: Any) -> Any:
+    """A key value as given: kept as a secret, parsed only when a process needs it. Already-parsed keys (the
+    development tools pass their own) are kept as they are."""
+    if value is None or isinstance(value, (PrivateKey, PublicKeyRing, SecretStr)):
         return value
     if isinstance(value, RSAPrivateKey):
         return PrivateKey(value)
-    if not str(value).strip():
-        return None
-    try:
-        return PrivateKey(load_private_key(str(value)))
-    except InvalidKeyError as exc:
-        raise ValueError(str(exc)) from None
+    text = str(value)
+    return SecretStr(text) if text.strip() else None
 
 
-def _parse_public_keys(value: Any) -> PublicKeyRing | None:
-    if value is None or isinstance(value, PublicKeyRing):
+def _url_schemes(*schemes: str) -> Any:
+    def check(value: SecretStr) -> SecretStr:
+        scheme = value.get_secret_value().partition("://")[0]
+        if "://" not in value.get_secret_value() or scheme not in schemes:
+            raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
         return value
-    if not str(value).strip():
-        return None
-    try:
-        return load_public_key_ring(str(value))
-    except InvalidKeyError as exc:
-        raise ValueError(str(exc)) from None
+
+    return AfterValidator(check)
 
 
 class TokenKeys:
@@ -95,10 +113,13 @@ def _parse_token_keys(value: Any) -> TokenKeys | None:
     return TokenKeys(keys)
 
 
-RetryDelays = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_parse_retry_delays)]
-PrivateKeyValue = Annotated[Any, NoDecode, BeforeValidator(_parse_private_key)]
-PublicKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_public_keys)]
+RetryDelays = Annotated[tuple[float, ...] | None, NoDecode, BeforeValidator(_parse_retry_delays)]
+Duration = Annotated[float, NoDecode, BeforeValidator(_parse_duration)]
+KeyValue = Annotated[Any, NoDecode, BeforeValidator(_key_text)]
 TokenKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_token_keys)]
+BrokerUrl = Annotated[SecretStr, _url_schemes("amqp", "amqps")]
+# postgresql:// means asyncpg, the one PostgreSQL driver (authnotify.store.engine reads it so).
+DatabaseUrl = Annotated[SecretStr, _url_schemes("sqlite+aiosqlite", "postgresql+asyncpg", "postgresql")]
 
 
 @dataclass(frozen=True)
@@ -132,65 +153,101 @@ class EnvironmentSettings(BaseSettings):
 class Settings(EnvironmentSettings):
     """The configuration the services and the operator commands run with (docs/configuration.md)."""
 
-    rabbitmq_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", pattern=r"^amqps?://")
-    database_url: str = Field(
-        default="sqlite+aiosqlite:///authnotify.db",
-        pattern=r"^(sqlite\+aiosqlite|postgresql\+asyncpg)://",
-    )
+    rabbitmq_url: BrokerUrl = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: DatabaseUrl = SecretStr("sqlite+aiosqlite:///authnotify.db")
     namespace: str = Field(default="authnotify", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
     queue_type: Literal["quorum", "classic"] = "quorum"
     http_host: str = Field(default="0.0.0.0", min_length=1)
     http_port: int = Field(default=8080, ge=1, le=65535)
     worker_http_port: int = Field(default=9090, ge=0, le=65535)
+    metrics_port: int = Field(default=9091, ge=0, le=65535)  # the ingress's /metrics; 0 turns it off
 
     ams_client_id: str | None = None
-    ams_private_key: PrivateKeyValue = None
-    ams_alipay_public_key: PublicKeysValue = None
+    ams_private_key: KeyValue = None
+    ams_alipay_public_key: KeyValue = None
     ams_gateway_url: str = Field(default="https://open-sea-global.alipay.com", pattern=r"^https?://")
     ams_customer_belongs_to: str | None = Field(default=None, max_length=64)
 
     aps_client_id: str | None = None
-    aps_private_key: PrivateKeyValue = None
-    aps_alipay_public_key: PublicKeysValue = None
+    aps_private_key: KeyValue = None
+    aps_alipay_public_key: KeyValue = None
     aps_gateway_url: str = Field(default="https://open-sea-global.alipayplus.com", pattern=r"^https?://")
 
     token_keys: TokenKeysValue = None
     merchants_file: Path | None = None
-    retry_delays: RetryDelays = (10.0, 60.0, 300.0, 1800.0, 7200.0)
+    # Unset: each consumer's own AUTHNOTIFY_RETRY_DELAYS_<CONSUMER>, else its default (retry_delays_for).
+    retry_delays: RetryDelays = None
+    # One per consumer (name upper-cased, - as _); a consumer added to the registry adds its line here.
+    retry_delays_authcode_created: RetryDelays = None
+    retry_delays_token_created: RetryDelays = None
+    retry_delays_token_canceled: RetryDelays = None
+    retry_delays_merchant_events: RetryDelays = None
     ingress_max_inflight: int = Field(default=1024, ge=1)
+    request_time_tolerance: Duration = 26 * 3600.0  # Alipay retries for 24 hours
+    ingress_body_timeout: Duration = 10.0
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @model_validator(mode="after")
-    def _provider_keys_complete(self) -> Settings:
-        for name in PROVIDERS:
-            client_id = getattr(self, f"{name}_client_id")
-            if not client_id:
-                continue
-            for part in ("private_key", "alipay_public_key"):
-                if getattr(self, f"{name}_{part}") is None:
-                    raise ValueError(
-                        f"{ENV_PREFIX}{name.upper()}_{part.upper()} is required when "
-                        f"{ENV_PREFIX}{name.upper()}_CLIENT_ID is set"
-                    )
-        return self
+    _parsed_keys: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def retry_delays_for(self, consumer: str) -> tuple[float, ...]:
+        """The consumer's own delays, else AUTHNOTIFY_RETRY_DELAYS, else the consumer's default."""
+        own = getattr(self, "retry_delays_" + consumer.replace("-", "_"), None)
+        if own is not None:
+            return tuple(own)
+        if self.retry_delays is not None:
+            return tuple(self.retry_delays)
+        return CONSUMER_DEFAULT_RETRY_DELAYS.get(consumer, DEFAULT_RETRY_DELAYS)
+
+    def configured_providers(self) -> list[str]:
+        """The providers whose client id is set (their endpoints are on); no key is read for this."""
+        return [name for name in PROVIDERS if getattr(self, f"{name}_client_id", None)]
+
+    def _key(self, name: str, part: str, parse: Any) -> Any:
+        """A provider's key, read and parsed once; ConfigError naming the variable when missing or bad."""
+        variable = f"{ENV_PREFIX}{name.upper()}_{part.upper()}"
+        cached = self._parsed_keys.get(variable)
+        if cached is not None:
+            return cached
+        value = getattr(self, f"{name}_{part}")
+        if value is None:
+            raise ConfigError(f"{variable} is required when {ENV_PREFIX}{name.upper()}_CLIENT_ID is set")
+        if isinstance(value, SecretStr):
+            try:
+                value = parse(value.get_secret_value())
+            except InvalidKeyError as exc:
+                raise ConfigError(f"{variable}: {exc}") from None
+        self._parsed_keys[variable] = value
+        return value
 
     def provider(self, name: str) -> ProviderConfig | None:
+        """The provider's configuration with its keys read, or None when its client id is not set.
+
+        Raises ConfigError (naming the variable) when a key is missing or unreadable."""
         client_id = getattr(self, f"{name}_client_id", None)
         if not client_id:
             return None
+        private_key = self._key(name, "private_key", lambda text: PrivateKey(load_private_key(text)))
         return ProviderConfig(
             name=name,  # type: ignore[arg-type]
             client_id=client_id,
-            private_key=getattr(self, f"{name}_private_key").key,
-            alipay_public_keys=getattr(self, f"{name}_alipay_public_key"),
+            private_key=private_key.key,
+            alipay_public_keys=self._key(name, "alipay_public_key", load_public_key_ring),
             gateway_url=getattr(self, f"{name}_gateway_url").rstrip("/"),
             customer_belongs_to=self.ams_customer_belongs_to if name == "ams" else None,
         )
 
     def providers(self) -> dict[str, ProviderConfig]:
-        configured = {name: self.provider(name) for name in PROVIDERS}
+        configured = {name: self.provider(name) for name in self.configured_providers()}
         return {name: cfg for name, cfg in configured.items() if cfg is not None}
+
+    def broker_url(self) -> str:
+        """AUTHNOTIFY_RABBITMQ_URL with its password: only for opening the connection."""
+        return self.rabbitmq_url.get_secret_value()
+
+    def store_url(self) -> str:
+        """AUTHNOTIFY_DATABASE_URL with its password: only for opening the database."""
+        return self.database_url.get_secret_value()
 
     def require_token_keys(self) -> TokenKeys:
         if self.token_keys is None:
@@ -212,7 +269,7 @@ class SimulateSettings(EnvironmentSettings):
     ams_client_id: str | None = None
     aps_client_id: str | None = None
     simulate_url: str | None = None
-    simulate_alipay_private_key: str | None = None  # signs the notifications
+    simulate_alipay_private_key: SecretStr | None = None  # signs the notifications
     simulate_public_key: str | None = None  # ours: verifies the ingress's answers
 
 

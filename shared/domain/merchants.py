@@ -8,7 +8,7 @@
 
     [merchants."218823863726123456780"]  # matched against referenceMerchantId, then authClientId
     url = "https://other.example/hooks"
-    secret = "whsec_..."
+    secrets = ["whsec_new...", "whsec_old..."]  # rotation: every listed secret signs, instead of `secret`
     events = ["authorization.canceled"]  # optional filter; default: every type
 
 The file is validated once, at start; a bad file stops the process with one line naming
@@ -40,24 +40,24 @@ DEFAULT_ENTRY = "default"
 SECRET_PREFIX = "whsec_"
 SECRET_MIN_BYTES = 24
 SECRET_MAX_BYTES = 64
-_ENTRY_KEYS = frozenset({"url", "secret", "events"})
+_ENTRY_KEYS = frozenset({"url", "secret", "secrets", "events"})
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One registry entry: where to POST and how to sign. Its repr never shows the secret."""
+    """One registry entry: where to POST and how to sign. Its repr never shows a secret."""
 
     name: str  # "default" or the merchant id the entry is keyed by
     url: str
-    secret: str = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)  # every one signs (rotation: new and old side by side)
     events: frozenset[str] | None = None  # None: every type
 
     def accepts(self, event_type: str) -> bool:
         return self.events is None or event_type in self.events
 
     @property
-    def webhook(self) -> Webhook:
-        return Webhook(self.secret)
+    def webhooks(self) -> tuple[Webhook, ...]:
+        return tuple(Webhook(secret) for secret in self.secrets)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
         fail("must be a table with url and secret")
     unknown = sorted(set(entry) - _ENTRY_KEYS)
     if unknown:
-        fail(f"unknown key {unknown[0]!r} (allowed: events, secret, url)")
+        fail(f"unknown key {unknown[0]!r} (allowed: events, secret, secrets, url)")
 
     url = entry.get("url")
     if not isinstance(url, str) or not url.strip():
@@ -110,14 +110,20 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         fail("url must be an absolute http or https URL")
 
-    secret = entry.get("secret")
-    if not isinstance(secret, str) or not secret:
-        fail("secret is required (whsec_ followed by base64 of 24 to 64 random bytes)")
-    raw = _decode_secret(secret.strip())
-    if raw is None:
-        fail("secret must be whsec_ followed by base64 of 24 to 64 random bytes")
-    if not SECRET_MIN_BYTES <= len(raw) <= SECRET_MAX_BYTES:
-        fail(f"secret decodes to {len(raw)} bytes; it must be 24 to 64")
+    if "secret" in entry and "secrets" in entry:
+        fail("give secret or secrets, not both")
+    given_secrets = [entry["secret"]] if "secret" in entry else entry.get("secrets")
+    if not isinstance(given_secrets, list) or not given_secrets:
+        fail("secret is required (whsec_ followed by base64 of 24 to 64 random bytes), or secrets = [...]")
+    for position, secret in enumerate(given_secrets, start=1):
+        which = "secret" if "secret" in entry else f"secrets[{position}]"
+        if not isinstance(secret, str) or not secret:
+            fail(f"{which} must be whsec_ followed by base64 of 24 to 64 random bytes")
+        raw = _decode_secret(secret.strip())
+        if raw is None:
+            fail(f"{which} must be whsec_ followed by base64 of 24 to 64 random bytes")
+        if not SECRET_MIN_BYTES <= len(raw) <= SECRET_MAX_BYTES:
+            fail(f"{which} decodes to {len(raw)} bytes; it must be 24 to 64")
 
     events: frozenset[str] | None = None
     if "events" in entry:
@@ -128,7 +134,8 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
         if wrong:
             fail(f"events: unknown type {wrong[0]!r} (known: {', '.join(EVENT_TYPES)})")
         events = frozenset(listed)
-    return Endpoint(name=name, url=url.strip(), secret=secret.strip(), events=events)
+    return Endpoint(name=name, url=url.strip(), secrets=tuple(secret.strip() for secret in given_secrets),
+                    events=events)
 
 
 def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE) -> MerchantRegistry:

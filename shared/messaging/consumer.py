@@ -127,12 +127,18 @@ def _describe_exception(exc: BaseException) -> str:
 
 
 def failure_reason(exc: BaseException, body: bytes) -> str:
-    """The dead-letter reason: one short line that masks every secret value the body holds."""
-    reason = _INPUT_VALUE.sub(f"input_value={REDACTED}", _describe_exception(exc))
-    reason = " ".join(mask_secret_values(reason, body).split())
+    """The dead-letter reason: one short line that masks every secret value the body holds.
+
+    Never raises: when the description itself fails (whatever the body or the error is), the reason is the
+    error's type alone, which carries no value from the body."""
+    try:
+        reason = _INPUT_VALUE.sub(f"input_value={REDACTED}", _describe_exception(exc))
+        reason = " ".join(mask_secret_values(reason, body).split())
+    except Exception:
+        reason = f"{type(exc).__name__} (not described: describing it failed)"
     if len(reason) > REASON_MAX_LENGTH:
         reason = reason[: REASON_MAX_LENGTH - 1] + "…"
-    return reason
+    return reason or type(exc).__name__
 
 
 # --- what should happen to one message ---------------------------------------------------------------
@@ -155,7 +161,17 @@ class Decision:
 
 
 async def decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_attempts: int) -> Decision:
-    """Runs the handler on one message and says what is to become of it."""
+    """Runs the handler on one message and says what is to become of it; never raises (but cancellation)."""
+    try:
+        return await _decide(spec, body, context, max_attempts)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the handling of a failure failed too: still an outcome, with a generic reason
+        outcome = Outcome.RETRIED if context.attempt < max_attempts else Outcome.DEAD_LETTERED
+        return Decision(outcome, f"{type(exc).__name__} while handling (no further detail)", unexpected=exc)
+
+
+async def _decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_attempts: int) -> Decision:
     try:
         parsed = spec.parse(body, context)
         if inspect.isawaitable(parsed):
@@ -225,7 +241,7 @@ class DeliveryProcessor:
         with structlog.contextvars.bound_contextvars(
             message_id=context.message_id, consumer=queue_label, attempt=context.attempt
         ), handling_body(delivery.body):
-            decision = await decide(spec, delivery.body, context, self.topology.max_attempts)
+            decision = await decide(spec, delivery.body, context, self.topology.max_attempts(spec.consumer))
             try:
                 for follow_up in follow_ups(decision, delivery, context, self.topology):
                     await self.publisher.publish(follow_up.message, exchange=follow_up.exchange,

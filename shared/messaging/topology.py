@@ -9,10 +9,17 @@ Wiring:
 * One consumer queue per worker, each with a dead-letter queue ``{ns}.{consumer}.dead``.
 * One delay queue per consumer and retry delay, ``{ns}.{consumer}.retry.{delay}``: a message waits there
   for the queue's TTL, then the broker dead-letters it back into the consumer queue. One queue per delay,
-  because messages expire only at the head of a queue.
+  because messages expire only at the head of a queue. Each consumer has its own schedule
+  (``AUTHNOTIFY_RETRY_DELAYS_<CONSUMER>``, see :meth:`authnotify.config.Settings.retry_delays_for`).
 
 Quorum queues dead-letter at-most-once unless declared with ``x-dead-letter-strategy=at-least-once`` and
 ``x-overflow=reject-publish``; every queue the broker dead-letters from is declared that way.
+
+Quorum queues count every return of a message (a reject, a requeue, a channel closed without ack) and, past
+their delivery limit, drop it. RabbitMQ 4.x gives every quorum queue a limit of 20 unless one is set, and
+``dlq list`` returns what it shows by closing its channel: so the queues that keep messages for people (the
+dead-letter queues and ``{ns}.unrouted``) are declared with a limit no listing ever reaches. ``-1`` would say
+"unlimited" on 4.x, but RabbitMQ 3.x reads it as a limit below the first return and drops the message.
 """
 
 from __future__ import annotations
@@ -23,9 +30,14 @@ from enum import StrEnum
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from authnotify.alipay.notifications import AUTHCODE_CREATED, NOTIFY_TYPES, TOKEN_CANCELED, TOKEN_CREATED
+from authnotify.config.settings import DEFAULT_RETRY_DELAYS
+from authnotify.observability.logging import get_logger
+
+log = get_logger("authnotify.topology")
 
 
 class QueueType(StrEnum):
@@ -55,6 +67,8 @@ EVENT_ROUTING_PREFIX = "event"
 # A message that kills its consumer over and over (it never gets far enough to be retried) is
 # dead-lettered by the broker after this many deliveries, instead of looping forever.
 POISON_DELIVERY_LIMIT = 50
+# The queues people read (dead letters, unrouted): effectively unlimited, the same on RabbitMQ 3.x and 4.x.
+KEEP_DELIVERY_LIMIT = 2**31 - 1
 
 
 def notification_routing_key(provider: str, notify_type: str | None) -> str:
@@ -94,6 +108,9 @@ class QueueSpec:
     name: str
     arguments: dict[str, Any]
     bindings: tuple[Binding, ...] = ()
+    # Arguments a queue declared by an earlier version lacks: such a queue is kept as it is, with a warning
+    # (queue arguments cannot change; a policy can add the setting).
+    added_later: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,7 +123,15 @@ class RetryStep:
 class Topology:
     namespace: str
     queue_type: QueueType
-    retry_delays: tuple[float, ...]
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS  # of every consumer without its own below
+    consumer_retry_delays: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (consumer name, delays)
+
+    def delays_of(self, consumer: Consumer | str) -> tuple[float, ...]:
+        name = Consumer(consumer).value
+        for owner, delays in self.consumer_retry_delays:
+            if owner == name:
+                return delays
+        return self.retry_delays
 
     @property
     def notifications_exchange(self) -> str:
@@ -129,12 +154,12 @@ class Topology:
     def retry_steps(self, consumer: Consumer | str) -> tuple[RetryStep, ...]:
         base = self.consumer_queue(consumer)
         return tuple(
-            RetryStep(delay, f"{base}.retry.{delay_label(delay)}") for delay in self.retry_delays
+            RetryStep(delay, f"{base}.retry.{delay_label(delay)}") for delay in self.delays_of(consumer)
         )
 
-    @property
-    def max_attempts(self) -> int:
-        return len(self.retry_delays) + 1
+    def max_attempts(self, consumer: Consumer | str) -> int:
+        """N delays mean N+1 attempts, then the message is dead-lettered."""
+        return len(self.delays_of(consumer)) + 1
 
     def consumer_of_queue(self, queue: str) -> Consumer | None:
         for consumer in Consumer:
@@ -170,11 +195,13 @@ class Topology:
         )
 
     def queues(self) -> tuple[QueueSpec, ...]:
+        kept = ("x-delivery-limit",) if self.queue_type is QueueType.QUORUM else ()
         specs: list[QueueSpec] = [
             QueueSpec(
                 self.unrouted_queue,
-                self._queue_arguments(),
+                self._queue_arguments(delivery_limit=KEEP_DELIVERY_LIMIT),
                 (Binding(self.unrouted_exchange, ""),),
+                added_later=kept,
             )
         ]
         for consumer in Consumer:
@@ -183,7 +210,8 @@ class Topology:
                 pattern = f"{EVENT_ROUTING_PREFIX}.#"
             else:
                 pattern = f"*.{NOTIFY_TYPE_OF_CONSUMER[consumer]}"
-            specs.append(QueueSpec(self.dead_letter_queue(consumer), self._queue_arguments()))
+            specs.append(QueueSpec(self.dead_letter_queue(consumer),
+                                   self._queue_arguments(delivery_limit=KEEP_DELIVERY_LIMIT), added_later=kept))
             specs.append(
                 QueueSpec(
                     queue,
@@ -220,23 +248,59 @@ def build_topology(settings: Any) -> Topology:
     return Topology(
         namespace=settings.namespace,
         queue_type=QueueType(settings.queue_type),
-        retry_delays=tuple(settings.retry_delays),
+        consumer_retry_delays=tuple((consumer.value, settings.retry_delays_for(consumer.value))
+                                    for consumer in Consumer),
     )
 
 
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
-    """Idempotent: re-declaring with the same arguments is a no-op for the broker."""
+    """Idempotent: re-declaring with the same arguments is a no-op for the broker.
+
+    A broker user without the configure permission (each process has a user of its own, allowed only what it
+    does: see deploy/) cannot declare: then the topology, declared by the operator's user
+    (``authnotify topology``), is checked passively instead, and a missing part is an error as before."""
+    try:
+        await _declare_everything(channel, topology)
+    except aiormq.exceptions.ChannelAccessRefused:
+        await channel.reopen()
+        await check_topology(channel, topology)
+        log.info("topology_checked", reason="this broker user may not declare; the topology exists")
+
+
+async def check_topology(channel: AbstractChannel, topology: Topology) -> None:
+    """Passive declarations of every exchange and queue: ChannelNotFoundEntity when one is missing."""
+    for spec in topology.exchanges():
+        await channel.get_exchange(spec.name, ensure=True)
+    for queue_spec in topology.queues():
+        await channel.declare_queue(queue_spec.name, passive=True)
+
+
+async def _declare_everything(channel: AbstractChannel, topology: Topology) -> None:
     exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
     for spec in topology.exchanges():
         exchanges[spec.name] = await channel.declare_exchange(
             spec.name, spec.type, durable=True, arguments=spec.arguments or None
         )
     for queue_spec in topology.queues():
-        queue = await channel.declare_queue(
-            queue_spec.name, durable=True, arguments=queue_spec.arguments
-        )
+        queue = await _declare_queue(channel, queue_spec)
         for binding in queue_spec.bindings:
             await queue.bind(exchanges[binding.exchange], routing_key=binding.routing_key)
+
+
+async def _declare_queue(channel: AbstractChannel, spec: QueueSpec) -> aio_pika.abc.AbstractQueue:
+    try:
+        return await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        if not spec.added_later or not any(f"'{name}'" in str(exc) for name in spec.added_later):
+            raise
+    # Declared by an earlier version without the argument: keep it (the refused declare closed the channel).
+    await channel.reopen()
+    earlier = {k: v for k, v in spec.arguments.items() if k not in spec.added_later}
+    queue = await channel.declare_queue(spec.name, durable=True, arguments=earlier)
+    log.warning("queue_declared_by_an_earlier_version", queue=spec.name, missing=list(spec.added_later),
+                advice="on RabbitMQ 4.x set a delivery-limit policy on it (see docs/operations.md), or its "
+                       "messages are dropped after 20 returns")
+    return queue
 
 
 async def delete_topology(channel: AbstractChannel, topology: Topology,

@@ -17,6 +17,9 @@ PUBLISH_CONFIRM_SECONDS = Histogram(
 INGRESS_INFLIGHT = Gauge(
     "authnotify_ingress_publishes_in_flight", "Publishes awaiting a broker confirm in the ingress."
 )
+INGRESS_BODY_BYTES_HELD = Gauge(
+    "authnotify_ingress_body_bytes_held", "Bytes of request bodies still arriving, held by the ingress."
+)
 BROKER_CONNECTED = Gauge(
     "authnotify_broker_connected", "1 while the broker connection and channel are open, else 0."
 )

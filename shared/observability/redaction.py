@@ -26,40 +26,46 @@ def is_secret_field(name: str) -> bool:
 
 
 _SCALARS = (str, int, float, bool, type(None))
+# Log values nested deeper than this are not walked (nor shown): no recursion limit is ever reached here.
+REDACT_MAX_DEPTH = 32
+TOO_DEEP = "[too deep]"
 
 
-def redact(value: Any) -> Any:
+def redact(value: Any, _depth: int = 0) -> Any:
     """A copy of ``value`` with every secret-named field, at any depth, replaced by a marker."""
     if type(value) in _SCALARS:  # the common case, without the slower isinstance checks below
         return value
+    if _depth >= REDACT_MAX_DEPTH:
+        return TOO_DEEP
     if isinstance(value, Mapping):
-        return {k: (REDACTED if isinstance(k, str) and is_secret_field(k) else redact(v))
+        return {k: (REDACTED if isinstance(k, str) and is_secret_field(k) else redact(v, _depth + 1))
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
+        return type(value)(redact(v, _depth + 1) for v in value)
     return value
 
 
 def secret_values(body: bytes) -> list[str]:
-    """Values of secret-named fields (accessToken, authCode, ...) anywhere in a JSON body."""
+    """Values of secret-named fields (accessToken, authCode, ...) anywhere in a JSON body, at any depth.
+
+    Walked with a stack, not recursion: a body nested a thousand levels deep (orjson reads up to 1,024) must
+    not raise RecursionError in the code that describes why it failed."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         return []
     found: list[str] = []
-
-    def walk(value: Any) -> None:
+    pending: list[Any] = [document]
+    while pending:
+        value = pending.pop()
         if isinstance(value, dict):
             for key, item in value.items():
                 if isinstance(key, str) and is_secret_field(key) and isinstance(item, str) and item:
                     found.append(item)
                 else:
-                    walk(item)
+                    pending.append(item)
         elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(document)
+            pending.extend(value)
     return found
 
 

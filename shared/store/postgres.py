@@ -13,11 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy.engine import URL
 
 from authnotify.domain.authorizations import STATUS_ACTIVE
 from authnotify.errors import StoreError
-from authnotify.store.engine import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
+from authnotify.store.engine import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, PostgresTarget
 from authnotify.store.errors import describe
 from authnotify.store.schema import authorizations
 
@@ -71,10 +70,11 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 
 class NewGrantInserter:
-    """One prepared multi-row INSERT on its own small asyncpg pool, opened on first use."""
+    """One prepared multi-row INSERT on its own small asyncpg pool, opened on first use, to the same target
+    (host, credentials, TLS) as the engine beside it."""
 
-    def __init__(self, url: URL, where: str) -> None:
-        self._url = url.set(drivername="postgresql")
+    def __init__(self, target: PostgresTarget, where: str) -> None:
+        self._target = target
         self._where = where
         self._pool: Any = None
         self._lock = asyncio.Lock()
@@ -85,7 +85,7 @@ class NewGrantInserter:
                 import asyncpg
 
                 self._pool = await asyncpg.create_pool(
-                    self._url.render_as_string(hide_password=False), min_size=1, max_size=POOL_SIZE,
+                    **self._target.asyncpg_arguments(), min_size=1, max_size=POOL_SIZE,
                     timeout=CONNECT_TIMEOUT_SECONDS, command_timeout=COMMAND_TIMEOUT_SECONDS,
                     reset=_keep_session,
                 )

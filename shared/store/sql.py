@@ -35,7 +35,7 @@ from authnotify.domain.authorizations import (
 from authnotify.errors import StoreError
 from authnotify.observability.redaction import mask_url
 from authnotify.store.encryption import TokenCipher
-from authnotify.store.engine import create_engine, is_sqlite, parse_url
+from authnotify.store.engine import create_engine, is_sqlite, parse_url, postgres_target
 from authnotify.store.errors import database_errors
 from authnotify.store.group_commit import GroupCommit
 from authnotify.store.postgres import NewGrantInserter
@@ -96,7 +96,7 @@ class SqlStore:
             })
             .returning(*_COLUMNS)
         )
-        self._fast_insert = (NewGrantInserter(engine.url, self._where)
+        self._fast_insert = (NewGrantInserter(postgres_target(parse_url(database_url)), self._where)
                              if engine.dialect.name == "postgresql" else None)
         self._grants: GroupCommit[TokenGrant, Transition] = GroupCommit(self._record_grants,
                                                                         name="store-record-tokens")
