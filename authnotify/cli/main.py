@@ -30,6 +30,7 @@ COMMAND_NEEDS: dict[str, frozenset[Need]] = {
     "reencrypt-tokens": frozenset({Need.DATABASE, Need.TOKEN_KEYS}),
     "dlq": frozenset({Need.BROKER}),
     "authorizations": frozenset({Need.DATABASE}),  # lists and shows; nothing is decrypted
+    "verify-signature": frozenset(),  # the provider's client id and Alipay public key, read when it runs
 }
 
 
@@ -86,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     auth_show = auth_commands.add_parser("show")
     auth_show.add_argument("key", metavar="KEY")
     auth_show.add_argument("--json", action="store_true")
+
+    verify = commands.add_parser(
+        "verify-signature", help="check a captured notification as the ingress would, and say which part fails")
+    verify.add_argument("--provider", required=True, choices=("ams", "aps"), help="whose notification it is")
+    verify.add_argument("--headers", required=True, metavar="FILE",
+                        help="the request's headers, one 'Name: value' a line ('-': stdin)")
+    verify.add_argument("--body", required=True, metavar="FILE", help="the request's exact body bytes ('-': stdin)")
+    verify.add_argument("--path", metavar="PATH",
+                        help="the path the request was captured at, when it may differ from the notify path "
+                             "(default: the notify path with AUTHNOTIFY_NOTIFY_PATH_PREFIX)")
+    verify.add_argument("--json", action="store_true", help='print {"valid", "failed", "detail"} as JSON')
 
     commands.add_parser("dev", help="ingress and all workers in one process, with local defaults")
     simulate = commands.add_parser("simulate", help="play Alipay against a running ingress")
@@ -155,6 +167,10 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
         from authnotify.cli import authorizations
 
         return _run(lambda: authorizations.run(settings, args))
+    if command == "verify-signature":
+        from authnotify.cli import verify_signature
+
+        return verify_signature.run(settings, args)
     raise CommandError(f"unknown command {command}", EXIT_USAGE)  # pragma: no cover
 
 

@@ -185,6 +185,8 @@ class Settings(EnvironmentSettings):
     ingress_max_inflight: int = Field(default=1024, ge=1)
     request_time_tolerance: Duration = 26 * 3600.0  # Alipay retries for 24 hours
     ingress_body_timeout: Duration = 10.0
+    # What a proxy in front of the ingress adds to the notify paths Alipay calls (and signs), e.g. /alipay.
+    notify_path_prefix: str = Field(default="", pattern=r"^(/[A-Za-z0-9._~%!$&'()*+,;=:@-]+)*$")
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -236,6 +238,14 @@ class Settings(EnvironmentSettings):
             gateway_url=getattr(self, f"{name}_gateway_url").rstrip("/"),
             customer_belongs_to=self.ams_customer_belongs_to if name == "ams" else None,
         )
+
+    def alipay_public_keys(self, name: str) -> PublicKeyRing:
+        """The provider's Alipay public key(s) alone (to check a signature, nothing to sign with)."""
+        if not getattr(self, f"{name}_client_id", None):
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}_CLIENT_ID: not set, so there is no {name.upper()} "
+                              "endpoint to verify for")
+        ring: PublicKeyRing = self._key(name, "alipay_public_key", load_public_key_ring)
+        return ring
 
     def providers(self) -> dict[str, ProviderConfig]:
         configured = {name: self.provider(name) for name in self.configured_providers()}
