@@ -5,3 +5,10 @@ One import root over the repository's folders (see ``docs/architecture.md``): ``
 ``observability``, ``alipay``, ``domain``, ``messaging``, ``store``), and on top the command line
 (``authnotify.cli``) and the developer tools (``authnotify.devtools``).
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("authnotify")
+except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
+    __version__ = "0+unknown"

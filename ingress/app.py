@@ -123,14 +123,15 @@ class SignedEndpoint:
         """Counts one answer (a metric per subclass)."""
 
     def _answer(self, outcome: Outcome, message_id: str, reason: str | None = None, *,
-                close_connection: bool = False, **fields: Any) -> web.Response:
+                close_connection: bool = False, error: BaseException | None = None, **fields: Any) -> web.Response:
+        """The signed answer, counted and logged (an unexpected ``error`` with its traceback, redacted)."""
         self.count(outcome)
         if outcome.status == "S":
             self._log.info(self.log_event, message_id=message_id, provider=self.provider, outcome=outcome.code,
                            **fields)
         else:
             self._log.warning(self.log_event, message_id=message_id, provider=self.provider, outcome=outcome.code,
-                              http_status=outcome.http_status, reason=reason, **fields)
+                              http_status=outcome.http_status, reason=reason, exc_info=error, **fields)
         headers = self._signer.headers(self.path, outcome) if self._signer else UNSIGNED_HEADERS
         response = web.Response(body=outcome.body, status=outcome.http_status, headers=headers)
         if close_connection:  # an unread or cut-off body: the connection cannot carry another request
@@ -149,7 +150,7 @@ class SignedEndpoint:
             return self._answer(refused.outcome, message_id, refused.reason, close_connection=refused.close_connection)
         except Exception as exc:  # a bug or a dropped client: answer U (Alipay retries), never a bare 500
             return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}",
-                                close_connection=True)
+                                close_connection=True, error=exc)
 
     async def accept(self, body: bytes, message_id: str) -> web.Response:
         raise NotImplementedError

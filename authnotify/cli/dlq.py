@@ -64,6 +64,8 @@ def _plural(count: int) -> str:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.dlq_command == "purge" and not args.yes:  # refused before anything is opened
+        raise CommandError("authnotify: dlq purge deletes messages for good; add --yes to confirm", EXIT_USAGE)
     try:
         async with DeadLetterQueues.open(settings.broker_url(), build_topology(settings),
                                          operation=f"dlq {args.dlq_command}") as queues:
@@ -101,8 +103,6 @@ async def _run(queues: DeadLetterQueues, args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         return EXIT_OK
     if args.dlq_command == "purge":
-        if not args.yes:
-            raise CommandError("authnotify: dlq purge deletes messages for good; add --yes to confirm", EXIT_USAGE)
         with _progress("purging") as progress:
             count = await queues.purge(names, Selection(args.ids), progress=progress)
         if args.json:

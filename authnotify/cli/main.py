@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
+from authnotify import __version__
 from authnotify.config import Need, Settings, check_needs, load_settings
+from authnotify.config.settings import unknown_variables
 from authnotify.config.values import duration, positive_int
 from authnotify.domain.authorizations import STATUSES
 from authnotify.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError, ConfigError
@@ -32,6 +35,7 @@ COMMAND_NEEDS: dict[str, frozenset[Need]] = {
     "authorizations": frozenset({Need.DATABASE}),  # lists and shows; nothing is decrypted
     # Queues the revocation with confirms; the revocations worker holds the keys that revoke at Alipay.
     "authorizations revoke": frozenset({Need.DATABASE, Need.BROKER}),
+    "verify-signature": frozenset(),  # the provider's client id and Alipay public key, read when it runs
 }
 
 
@@ -58,6 +62,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="authnotify", description="Alipay authorization notification pipeline")
+    parser.add_argument("--version", action="version", version=f"authnotify {__version__}",
+                        help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     commands.add_parser("ingress", help="run the HTTP ingress")
@@ -112,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     auth_revoke.add_argument("--wait", action="store_true", help="wait for the outcome; exit 1 if it failed")
     auth_revoke.add_argument("--json", action="store_true")
 
+    verify = commands.add_parser(
+        "verify-signature", help="check a captured notification as the ingress would, and say which part fails")
+    verify.add_argument("--provider", required=True, choices=("ams", "aps"), help="whose notification it is")
+    verify.add_argument("--headers", required=True, metavar="FILE",
+                        help="the request's headers, one 'Name: value' a line ('-': stdin)")
+    verify.add_argument("--body", required=True, metavar="FILE", help="the request's exact body bytes ('-': stdin)")
+    verify.add_argument("--path", metavar="PATH",
+                        help="the path the request was captured at, when it may differ from the notify path "
+                             "(default: the notify path with AUTHNOTIFY_NOTIFY_PATH_PREFIX)")
+    verify.add_argument("--json", action="store_true", help='print {"valid", "failed", "detail"} as JSON')
+
     commands.add_parser("dev", help="ingress and all workers in one process, with local defaults")
     simulate = commands.add_parser("simulate", help="play Alipay against a running ingress")
     from authnotify.devtools import simulate as simulate_module
@@ -131,13 +148,13 @@ def _run(coroutine_factory: Callable[[], Coroutine[Any, Any, int | None]]) -> in
 
 
 def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]) -> int:
-    from authnotify.observability.logging import configure_logging
+    from authnotify.observability.logging import LEVELS, configure_logging
 
     command = args.command
     if command == "simulate":
         from authnotify.devtools import simulate
 
-        configure_logging("console", level=logging.WARNING)
+        configure_logging("console", level=logging.WARNING, library_level=logging.CRITICAL + 1)
         return _run(lambda: simulate.run(args))
     if command == "dev":
         from authnotify.devtools import dev
@@ -151,8 +168,11 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
 
     settings = settings_factory()
     check_needs(settings, command_needs(args))
-    service = command in ("ingress", "worker", "scheduler", "api")
-    configure_logging(settings.log_format, level=logging.INFO if service else logging.WARNING)
+    if command in ("ingress", "worker", "scheduler", "api"):
+        configure_logging(settings.log_format, settings.log_level)
+    else:  # a one-shot command: its own warnings only, and one line when it fails (no library chatter)
+        configure_logging(settings.log_format, max(LEVELS[settings.log_level], logging.WARNING),
+                          library_level=logging.CRITICAL + 1)
 
     if command == "ingress":
         from authnotify.ingress.server import run_ingress
@@ -190,12 +210,23 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
         from authnotify.cli import authorizations
 
         return _run(lambda: authorizations.run(settings, args))
+    if command == "verify-signature":
+        from authnotify.cli import verify_signature
+
+        return verify_signature.run(settings, args)
     raise CommandError(f"unknown command {command}", EXIT_USAGE)  # pragma: no cover
+
+
+def _warn_unknown_variables() -> None:
+    for name, closest in unknown_variables(os.environ):
+        hint = f" (did you mean {closest}?)" if closest else ""
+        print(f"authnotify: warning: unknown variable {name}{hint}; it is ignored", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _warn_unknown_variables()
         code = _dispatch(args, load_settings)
     except CommandError as exc:
         print(str(exc), file=sys.stderr)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -226,7 +225,7 @@ async def run(args: argparse.Namespace) -> int:
         provisional, _, _ = dev_configuration(base, keys, f"http://{LOCALHOST}", keys.path(MERCHANTS_FILE))
         if not provisional.providers():
             raise CommandError("authnotify dev: no provider configured", EXIT_USAGE)
-        configure_logging(provisional.log_format, level=logging.INFO)
+        configure_logging(provisional.log_format, provisional.log_level)
         log = get_logger("authnotify.dev")
         await check_broker(provisional)
 

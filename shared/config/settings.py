@@ -14,12 +14,15 @@ start over a key it does not use; which settings each process needs, and the che
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from dotenv import dotenv_values
 from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -184,7 +187,10 @@ class Settings(EnvironmentSettings):
     ingress_max_inflight: int = Field(default=1024, ge=1)
     request_time_tolerance: Duration = 26 * 3600.0  # Alipay retries for 24 hours
     ingress_body_timeout: Duration = 10.0
+    # What a proxy in front of the ingress adds to the notify paths Alipay calls (and signs), e.g. /alipay.
+    notify_path_prefix: str = Field(default="", pattern=r"^(/[A-Za-z0-9._~%!$&'()*+,;=:@-]+)*$")
     log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # The token lifecycle (docs/lifecycle.md): the scheduler's pace and how far ahead it looks.
     scheduler_interval: Duration = 60.0
@@ -245,6 +251,14 @@ class Settings(EnvironmentSettings):
             customer_belongs_to=self.ams_customer_belongs_to if name == "ams" else None,
         )
 
+    def alipay_public_keys(self, name: str) -> PublicKeyRing:
+        """The provider's Alipay public key(s) alone (to check a signature, nothing to sign with)."""
+        if not getattr(self, f"{name}_client_id", None):
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}_CLIENT_ID: not set, so there is no {name.upper()} "
+                              "endpoint to verify for")
+        ring: PublicKeyRing = self._key(name, "alipay_public_key", load_public_key_ring)
+        return ring
+
     def providers(self) -> dict[str, ProviderConfig]:
         configured = {name: self.provider(name) for name in self.configured_providers()}
         return {name: cfg for name, cfg in configured.items() if cfg is not None}
@@ -292,6 +306,29 @@ def _describe(error: ValidationError) -> str:
     if loc:
         return f"{ENV_PREFIX}{str(loc[0]).upper()}: {message}"
     return message
+
+
+# Read by the test suite and its tools, never by a process: not unknown, not settings.
+RESERVED_PREFIXES = (f"{ENV_PREFIX}TEST_",)
+
+
+def known_variables() -> set[str]:
+    """Every ``AUTHNOTIFY_*`` name some member of the settings family reads."""
+    names: set[str] = set()
+    for settings_class in (Settings, DevSettings, SimulateSettings):
+        names |= {f"{ENV_PREFIX}{field.upper()}" for field in settings_class.model_fields}
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str], dotenv_path: Path = Path(".env")) -> list[tuple[str, str | None]]:
+    """The ``AUTHNOTIFY_*`` names in the environment or ``.env`` that no setting reads (a misspelling runs on
+    defaults silently otherwise), each with the closest known name, if one is close."""
+    names = {name for name in environ if name.startswith(ENV_PREFIX)}
+    if dotenv_path.is_file():
+        names |= {name for name in dotenv_values(dotenv_path) if name.startswith(ENV_PREFIX)}
+    known = known_variables()
+    unknown = sorted(name for name in names - known if not name.startswith(RESERVED_PREFIXES))
+    return [(name, next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)) for name in unknown]
 
 
 AnySettings = TypeVar("AnySettings", bound=EnvironmentSettings)

@@ -48,7 +48,7 @@ from authnotify.messaging.messages import (
 )
 from authnotify.messaging.publisher import Publisher
 from authnotify.messaging.topology import Consumer, Topology, event_routing_key
-from authnotify.observability.logging import get_logger
+from authnotify.observability.logging import get_logger, handling_body
 from authnotify.observability.metrics import BROKER_CONNECTED, MESSAGE_HANDLING_SECONDS, MESSAGES_PROCESSED
 from authnotify.observability.redaction import REDACTED, mask_secret_values
 
@@ -157,6 +157,7 @@ class Decision:
     outcome: Outcome
     reason: str | None = None
     events: list[MerchantEvent] = field(default_factory=list)
+    unexpected: BaseException | None = None  # not a PermanentError or TransientError: its traceback is logged
 
 
 async def decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_attempts: int) -> Decision:
@@ -167,7 +168,7 @@ async def decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_a
         raise
     except Exception as exc:  # the handling of a failure failed too: still an outcome, with a generic reason
         outcome = Outcome.RETRIED if context.attempt < max_attempts else Outcome.DEAD_LETTERED
-        return Decision(outcome, f"{type(exc).__name__} while handling (no further detail)")
+        return Decision(outcome, f"{type(exc).__name__} while handling (no further detail)", unexpected=exc)
 
 
 async def _decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_attempts: int) -> Decision:
@@ -182,9 +183,10 @@ async def _decide(spec: ConsumerSpec, body: bytes, context: MessageContext, max_
         return Decision(Outcome.DEAD_LETTERED, failure_reason(exc, body))
     except Exception as exc:  # TransientError and anything unexpected: retry while attempts remain
         reason = failure_reason(exc, body)
+        unexpected = None if isinstance(exc, TransientError) else exc
         if context.attempt < max_attempts:
-            return Decision(Outcome.RETRIED, reason)
-        return Decision(Outcome.DEAD_LETTERED, reason)
+            return Decision(Outcome.RETRIED, reason, unexpected=unexpected)
+        return Decision(Outcome.DEAD_LETTERED, reason, unexpected=unexpected)
     return Decision(Outcome.OK, None, list(events or ()))
 
 
@@ -238,7 +240,7 @@ class DeliveryProcessor:
         context = message_context(spec.consumer, delivery)
         with structlog.contextvars.bound_contextvars(
             message_id=context.message_id, consumer=queue_label, attempt=context.attempt
-        ):
+        ), handling_body(delivery.body):
             decision = await decide(spec, delivery.body, context, self.topology.max_attempts(spec.consumer))
             try:
                 for follow_up in follow_ups(decision, delivery, context, self.topology):
@@ -259,8 +261,9 @@ class DeliveryProcessor:
             _processed(queue_label, decision.outcome.value).inc()
             if decision.outcome is Outcome.OK:
                 log.info("message_processed", outcome=decision.outcome.value, events=len(decision.events))
-            else:
-                log.warning("message_failed", outcome=decision.outcome.value, reason=decision.reason)
+            else:  # an unexpected error keeps its traceback (redacted like the rest of the line)
+                log.warning("message_failed", outcome=decision.outcome.value, reason=decision.reason,
+                            exc_info=decision.unexpected)
             return decision.outcome
 
 

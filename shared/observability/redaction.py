@@ -76,6 +76,20 @@ def mask_secret_values(text: str, body: bytes) -> str:
     return text
 
 
+# A secret-named field written into free text: accessToken=abc, "refreshToken": "abc", 'authCode': 'a b',
+# auth_code: abc. The name and the punctuation stay; the value (quoted, or up to a separator) is masked.
+_SECRET_IN_TEXT = re.compile(
+    r"""(?P<name>\b(?:access|refresh)[_-]?token|\bauth[_-]?code|\b\w*secret\w*|\bprivate[_-]?key|\bpassword)"""
+    r"""(?P<sep>["']?\s*[=:]\s*)(?:"[^"]*"|'[^']*'|[^"'\s,;)}\]]+)""",
+    re.IGNORECASE,
+)
+
+
+def mask_secret_text(text: str) -> str:
+    """``text`` with the value of every secret-named ``name=value`` or ``"name": "value"`` masked."""
+    return _SECRET_IN_TEXT.sub(lambda match: f"{match['name']}{match['sep']}{REDACTED}", text)
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***``; anything unparsable is not shown at all."""
     try:
