@@ -29,7 +29,7 @@ test: check
 # The inner loop: the tests that need no broker, no PostgreSQL and start no process (in-memory publisher and
 # store, SQLite, the sandbox fakes): a few seconds.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not services and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto -m "not services and not slow" $(PYTEST_ARGS)
 
 # mypy and import-linter cannot follow the editable install's mapping of ingress/, workers/ and shared/ into
 # the authnotify package, so they check a plain installed copy of it instead (about a second to build).
