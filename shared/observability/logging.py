@@ -35,7 +35,8 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 _handled_body: ContextVar[bytes | None] = ContextVar("authnotify_handled_body", default=None)
 
 # Libraries that narrate what our own lines already say (every reconnect attempt of aio-pika is an ERROR
-# of aiormq while the broker is down: `broker_unreachable` says it once): silent unless the level is debug.
+# of aiormq while the broker is down: `broker_unreachable` says it once): silent unless the level is debug,
+# and even then never below INFO: their DEBUG lines dump whole AMQP frames, message bodies (tokens) included.
 _NARRATORS = ("aiormq", "aio_pika")
 
 # Fields holding free text that a library or an exception wrote: the ones redact_text looks into.
@@ -160,7 +161,7 @@ def configure_logging(log_format: str = "json", level: int | str = logging.INFO,
     root.handlers[:] = [handler]
     root.setLevel(library_level)
     for name in _NARRATORS:
-        logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else logging.CRITICAL + 1)
+        logging.getLogger(name).setLevel(logging.INFO if level <= logging.DEBUG else logging.CRITICAL + 1)
 
 
 def get_logger(name: str | None = None) -> Any:
