@@ -51,6 +51,7 @@ from authnotify.operations.authorizations import (
     access_token,
     find_authorization,
     revoke,
+    shown_key,
 )
 from authnotify.store.repository import AuthorizationStore
 
@@ -157,7 +158,7 @@ class Api:
         finally:
             # The audit line: who asked for which authorization's token, and what came of it; never the token.
             audit.info("access_token_requested", key_name=key.name, authorization_id=authorization_id,
-                       key_asked=asked if authorization_id is None else None, outcome=outcome)
+                       key_asked=shown_key(asked) if authorization_id is None else None, outcome=outcome)
 
     async def revoke(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()

@@ -58,7 +58,10 @@ def api_keys() -> Keys:
 async def api(api_keys: Keys) -> AsyncIterator[Any]:
     store, publisher = InMemoryStore(), InMemoryPublisher()
     topology = Topology(f"t{uuid.uuid4().hex[:8]}", QueueType.CLASSIC, (1.0, 2.0))
-    client = TestClient(TestServer(create_api_app(store, publisher, topology, api_keys.file)))
+    # No access log, as `authnotify api` serves it: a path can hold what a caller pasted by mistake.
+    server = TestServer(create_api_app(store, publisher, topology, api_keys.file))
+    await server.start_server(access_log=None)
+    client = TestClient(server)
     await client.start_server()
     client.store, client.publisher, client.topology = store, publisher, topology  # type: ignore[attr-defined]
     yield client
@@ -170,10 +173,15 @@ async def test_access_token_is_the_only_answer_with_a_token_and_is_audited_witho
                                      "accessTokenExpiryTime": (NOW + timedelta(days=20)).isoformat().replace(
                                          "+00:00", "Z")}
     await problem(await api.post("/v1/authorizations/nope/access-token", headers=api_keys.header("tokens")), 404)
+    # The raw token pasted where its name belongs: not found, and repeated nowhere (only as its fingerprint).
+    pasted = await problem(await api.post(f"/v1/authorizations/{access}/access-token",
+                                          headers=api_keys.header("tokens")), 404)
+    assert access not in str(pasted) and access_token_fingerprint(access) in str(pasted)
     logs = capsys.readouterr().err
     audit = [orjson.loads(line) for line in logs.splitlines() if '"access_token_requested"' in line]
     assert [(a["key_name"], a["authorization_id"], a["outcome"]) for a in audit] == [
-        ("tokens", authorization_id, "issued"), ("tokens", None, "not_found")]
+        ("tokens", authorization_id, "issued"), ("tokens", None, "not_found"), ("tokens", None, "not_found")]
+    assert audit[-1]["key_asked"] == f"sha256:{access_token_fingerprint(access)}"
     assert access not in logs and api_keys.made["tokens"].key not in logs
 
 

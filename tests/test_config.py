@@ -33,6 +33,7 @@ def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.Monke
 BAD_VALUES: list[tuple[str, str]] = [
     ("AUTHNOTIFY_RABBITMQ_URL", "http://127.0.0.1:5672/"),
     ("AUTHNOTIFY_DATABASE_URL", "mysql://root@localhost/authnotify"),
+    ("AUTHNOTIFY_DATABASE_URL", "postgresql://authnotify@db/authnotify?sslmode=maybe"),
     ("AUTHNOTIFY_NAMESPACE", "has spaces!"),
     ("AUTHNOTIFY_NAMESPACE", ""),
     ("AUTHNOTIFY_QUEUE_TYPE", "stream"),

@@ -148,7 +148,7 @@ async def test_the_refresh_claim_is_held_by_one_and_ends_once_the_token_moved_on
     [claimed] = [c for c in claims if c.outcome is ClaimOutcome.CLAIMED]
     assert claimed.tokens is not None and claimed.tokens.refresh_token is not None
 
-    await store.release_refresh(authorization_id)
+    await store.release_refresh(authorization_id, request_done=False)
     second, _ = await refreshed(store, authorization_id, first)
     moved = await store.claim_refresh(authorization_id, fingerprint, until=until)
     assert moved.outcome is ClaimOutcome.MOVED_ON
@@ -224,6 +224,30 @@ async def test_due_work_is_claimed_once_published_once_and_released_when_a_publi
 
     timeline = await store.timeline(due_warning.authorization.authorizationId or "")
     assert timeline is not None and [e.type for e in history(timeline)][-1] == "authorization.expiring"
+
+
+async def test_a_refresh_attempt_that_failed_keeps_its_request_pending_until_answered(
+        store: AuthorizationStore) -> None:
+    due = await store.record_tokens(grant(token(), access_token_expiry_time=NOW + timedelta(hours=1)))
+    authorization_id = due.authorization.authorizationId or ""
+    [work] = await store.claim_due_work(SCHEDULE, limit=10)
+    await store.finish_due_work([DueWorkDone(work, refresh_published=True, warning_published=False)])
+
+    # The worker's attempt failed (Alipay answered U): its claim goes back for the retry, the request stays
+    # pending, and the scheduler sends no second request on its next passes.
+    claim = await store.claim_refresh(authorization_id, due.authorization.accessTokenFingerprint,
+                                      until=datetime.now(UTC) + timedelta(seconds=30))
+    assert claim.outcome is ClaimOutcome.CLAIMED
+    await store.release_refresh(authorization_id, request_done=False)
+    assert await store.claim_due_work(SCHEDULE, limit=10) == []
+    retry = await store.claim_refresh(authorization_id, due.authorization.accessTokenFingerprint,
+                                      until=datetime.now(UTC) + timedelta(seconds=30))
+    assert retry.outcome is ClaimOutcome.CLAIMED  # the retry takes the claim back
+
+    # Answered for good (nothing to do for it): a later due time may be requested again.
+    await store.release_refresh(authorization_id, request_done=True)
+    [again] = await store.claim_due_work(SCHEDULE, limit=10)
+    assert again.authorization.authorizationId == authorization_id and again.refresh
 
 
 async def test_a_lease_abandoned_by_a_dead_scheduler_is_taken_over(store: AuthorizationStore) -> None:

@@ -88,9 +88,10 @@ async def handle_refresh_request(
     try:
         return await _refresh(claim.tokens, request, context, store=store, alipay_clients=alipay_clients, now=now)
     except BaseException:
-        # The claim goes back at once (else in CLAIM_SECONDS), so the retry can take it.
+        # The claim goes back at once (else in CLAIM_SECONDS), so the retry can take it; the request stays
+        # pending (the scheduler sends no other while this one is being retried).
         with contextlib.suppress(StoreError):
-            await store.release_refresh(authorization_id)
+            await store.release_refresh(authorization_id, request_done=False)
         raise
 
 
@@ -109,7 +110,7 @@ async def _refresh(tokens: CurrentTokens, request: RefreshRequest, context: Mess
     if tokens.refresh_token is None:
         if tokens.access_token_expired(now):
             return await expire("the access token expired and there is no refresh token")
-        await store.release_refresh(authorization_id)
+        await store.release_refresh(authorization_id, request_done=True)
         _count(data.provider, "skipped")
         return []
     if tokens.refresh_token_expired(now):

@@ -33,7 +33,7 @@ from authnotify.config.keys import (
     load_private_key,
     load_public_key_ring,
 )
-from authnotify.config.values import parse_duration, parse_durations
+from authnotify.config.values import database_tls_mode, parse_duration, parse_durations
 from authnotify.errors import ConfigError
 
 ENV_PREFIX = "AUTHNOTIFY_"
@@ -119,7 +119,13 @@ KeyValue = Annotated[Any, NoDecode, BeforeValidator(_key_text)]
 TokenKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_token_keys)]
 BrokerUrl = Annotated[SecretStr, _url_schemes("amqp", "amqps")]
 # postgresql:// means asyncpg, the one PostgreSQL driver (authnotify.store.engine reads it so).
-DatabaseUrl = Annotated[SecretStr, _url_schemes("sqlite+aiosqlite", "postgresql+asyncpg", "postgresql")]
+def _database_tls(value: SecretStr) -> SecretStr:
+    database_tls_mode(value.get_secret_value())  # an unknown sslmode stops the start, not the first query
+    return value
+
+
+DatabaseUrl = Annotated[SecretStr, _url_schemes("sqlite+aiosqlite", "postgresql+asyncpg", "postgresql"),
+                        AfterValidator(_database_tls)]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,24 @@ def parse_durations(text: str) -> tuple[float, ...]:
     return tuple(parse_duration(part) for part in text.split(","))
 
 
+# --- the TLS modes a database URL may ask for (libpq's sslmode, asyncpg's ssl) ----------------------
+
+NO_TLS_MODES = frozenset({"disable", "false", "0", "no", "off"})
+MAYBE_TLS_MODES = frozenset({"allow", "prefer"})
+TLS_MODES = frozenset({"require", "true", "1", "yes", "on", "verify-ca", "verify-full"})
+
+
+def database_tls_mode(url: str) -> str:
+    """The ``sslmode`` (or ``ssl``) of a database URL, lower-cased, ``""`` when none; ValueError when unknown."""
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(url).query)
+    mode = (query.get("sslmode") or query.get("ssl") or [""])[-1].strip().lower()
+    if mode and mode not in NO_TLS_MODES | MAYBE_TLS_MODES | TLS_MODES:
+        raise ValueError(f"sslmode {mode!r} is not one of disable, allow, prefer, require, verify-ca, verify-full")
+    return mode
+
+
 # --- argparse types: a bad value is one line naming the option ------------------------------------
 
 

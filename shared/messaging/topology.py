@@ -238,7 +238,8 @@ class Topology:
                     (Binding(self.notifications_exchange, pattern),),
                 )
             )
-            for step in self.retry_steps(consumer):
+            # A delay listed twice (merchant-events' 10h,10h) is one queue, waited on twice.
+            for step in {step.queue: step for step in self.retry_steps(consumer)}.values():
                 specs.append(
                     QueueSpec(
                         step.queue,

@@ -9,6 +9,8 @@ implementation, with its claim, retries and event), and waits a few seconds for 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,13 +51,25 @@ class RefreshPending(OperationError):
     """The access token was due for a refresh that did not finish in time; asking again later may succeed."""
 
 
+# The names of an authorization that are safe to repeat anywhere: its id and token fingerprints.
+_NAME = re.compile(r"^(auth_[A-Za-z0-9_-]{1,35}|[0-9a-f]{16})$")
+
+
+def shown_key(key: str) -> str:
+    """``key`` as it may be repeated in an answer, an error or a log line. An id or a fingerprint is shown as
+    it is; anything else (an agreement id, or a raw access token pasted by mistake) only as the first 16 hex
+    digits of its SHA-256, which for a token is its fingerprint."""
+    if _NAME.match(key):
+        return key
+    return f"sha256:{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+
+
 async def find_authorization(store: AuthorizationStore, key: str) -> AuthorizationData:
     """By authorizationId, any accessTokenFingerprint it held, or referenceAgreementId; :class:`NotFound`."""
-    if not key or len(key) > KEY_MAX_LENGTH:
-        raise NotFound(f"no authorization with id, fingerprint or referenceAgreementId {key[:KEY_MAX_LENGTH]!r}")
-    found = await store.get_authorization(key)
+    found = await store.get_authorization(key) if key and len(key) <= KEY_MAX_LENGTH else None
     if found is None:
-        raise NotFound(f"no authorization with id, fingerprint or referenceAgreementId {key!r}")
+        raise NotFound(f"no authorization matches the key given ({shown_key(key)}): a key is an authorizationId, "
+                       "an access-token fingerprint or a referenceAgreementId")
     return found
 
 

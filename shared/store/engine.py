@@ -24,6 +24,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from authnotify.config.values import MAYBE_TLS_MODES, NO_TLS_MODES, TLS_MODES
 from authnotify.errors import StoreError
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
@@ -34,9 +35,6 @@ COMMAND_TIMEOUT_SECONDS = 30
 
 
 TLS_OPTIONS = ("sslmode", "ssl", "sslrootcert", "sslcert", "sslkey")
-_NO_TLS = {"disable", "false", "0", "no", "off"}
-_MAYBE_TLS = {"allow", "prefer"}
-_TLS_MODES = {"require", "true", "1", "yes", "on", "verify-ca", "verify-full"}
 
 
 def parse_url(database_url: str) -> URL:
@@ -82,11 +80,11 @@ def postgres_target(url: URL) -> PostgresTarget:
     bare = url.difference_update_query(TLS_OPTIONS)
     if not mode:
         tls: ssl.SSLContext | str | bool | None = None
-    elif mode in _NO_TLS:
+    elif mode in NO_TLS_MODES:
         tls = False
-    elif mode in _MAYBE_TLS:
+    elif mode in MAYBE_TLS_MODES:
         tls = mode
-    elif mode in _TLS_MODES:
+    elif mode in TLS_MODES:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         try:
             if options["sslrootcert"]:

@@ -203,11 +203,12 @@ class InMemoryStore:
         row = self._put(replace(row, refresh_claimed_until=until))
         return RefreshClaim(ClaimOutcome.CLAIMED, authorization_data(row), self._current(row))
 
-    async def release_refresh(self, authorization_id: str) -> None:
+    async def release_refresh(self, authorization_id: str, *, request_done: bool) -> None:
         self._check()
         row = self._rows.get(authorization_id)
         if row is not None:
-            self._put(replace(row, refresh_claimed_until=None, refresh_requested_at=None))
+            pending = None if request_done else row.refresh_requested_at
+            self._put(replace(row, refresh_claimed_until=None, refresh_requested_at=pending))
 
     async def record_refresh(self, authorization_id: str, fingerprint: str, grant: TokenGrant) -> Transition:
         self._check()

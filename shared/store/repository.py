@@ -181,7 +181,11 @@ class AuthorizationStore(Protocol):
         """Takes the refresh of an active authorization that still holds ``fingerprint``, until ``until``."""
         ...
 
-    async def release_refresh(self, authorization_id: str) -> None: ...
+    async def release_refresh(self, authorization_id: str, *, request_done: bool) -> None:
+        """Gives the worker's claim back. ``request_done``: the scheduler's request is answered too (nothing
+        more to do for it), so a later due time may be requested again; a failed attempt that will be
+        retried keeps the request pending, so the scheduler does not send another meanwhile."""
+        ...
 
     async def record_refresh(self, authorization_id: str, fingerprint: str, grant: TokenGrant) -> Transition:
         """Replaces the token ``fingerprint`` by the grant's (kept in the history); releases the claim."""

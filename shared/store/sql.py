@@ -393,12 +393,13 @@ class SqlStore:
             return RefreshClaim(ClaimOutcome.MOVED_ON, data)
         return RefreshClaim(ClaimOutcome.BUSY, data)
 
-    async def release_refresh(self, authorization_id: str) -> None:
-        # The request that led here is done: a later due time may be requested again.
+    async def release_refresh(self, authorization_id: str, *, request_done: bool) -> None:
+        released: dict[str, Any] = {"refresh_claimed_until": None}
+        if request_done:
+            released["refresh_requested_at"] = None
         with self._errors("cannot release refresh"):
             async with self._autocommit.connect() as conn:
-                await conn.execute(a.update().where(a.c.authorization_id == authorization_id)
-                                   .values(refresh_claimed_until=None, refresh_requested_at=None))
+                await conn.execute(a.update().where(a.c.authorization_id == authorization_id).values(**released))
 
     async def record_refresh(self, authorization_id: str, fingerprint: str, grant: TokenGrant) -> Transition:
         self._cipher.require_keys()
