@@ -17,13 +17,24 @@ from authnotify.api.keys import new_api_key, parse_api_keys
 from authnotify.messaging.connection import Broker
 from authnotify.messaging.publisher import ConfirmedPublisher
 from authnotify.messaging.queue_stats import BrokerMetrics
-from authnotify.messaging.topology import Consumer, build_topology
+from authnotify.messaging.topology import Consumer, build_topology, declare_topology
 from authnotify.operations.deadletters import OperatorQueues
 from authnotify.store.memory import InMemoryStore
-from tests.test_dlq import drain, event_body, put_dead, setup  # noqa: F401  (setup: the fixture)
+from tests.test_dlq import drain, event_body, put_dead
 
 KEY = new_api_key("ops", ["dlq:read", "dlq:write"])
 HEADERS = {"Authorization": f"Bearer {KEY.key}"}
+
+
+@pytest.fixture
+async def setup(make_settings: Any, amqp_connection: Any) -> tuple[Any, Any]:
+    """The test's settings and its topology, declared."""
+    settings = make_settings(retry_delays="200ms,400ms")
+    topology = build_topology(settings)
+    channel = await amqp_connection.channel()
+    await declare_topology(channel, topology)
+    await channel.close()
+    return settings, topology
 
 
 @pytest.fixture
