@@ -3,8 +3,8 @@ operations as the JSON routes (docs/console.md).
 
 * **Signing in.** A form takes an API key; the session is an encrypted cookie (Fernet, the key of
   ``AUTHNOTIFY_CONSOLE_SESSION_KEY`` or one made per process) holding the SHA-256 of the API key, never the key:
-  HttpOnly, SameSite=Strict, Secure when the request came over HTTPS, eight hours at most. A key removed
-  from the keys file ends its sessions at the next restart.
+  HttpOnly, SameSite=Strict, Secure when the request came over HTTPS, eight hours after signing in at most. A
+  key removed from the keys file ends its sessions at the next restart.
 * **Scopes.** A page or an action needs the scope its JSON route needs (:data:`CONSOLE_ROUTES`); without it
   the page says which scope is missing (403).
 * **Changes.** Every state-changing request is a POST carrying the session's CSRF token in a form field;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,7 +179,9 @@ class Console:
 
     async def _operator(self, request: web.Request) -> Operator | None:
         session = await get_session(request)
-        digest = session.get("key")
+        digest, since = session.get("key"), session.get("since")
+        if not isinstance(since, int) or time.time() - since > SESSION_SECONDS:
+            return None  # eight hours after signing in, whatever was done since
         key = self.keys.find_digest(digest) if isinstance(digest, str) else None
         return Operator(key, session) if key is not None else None
 
@@ -256,6 +259,7 @@ class Console:
             return response
         fresh = await new_session(request)  # a new session (and CSRF token) for the signed-in key
         fresh["key"] = key.sha256
+        fresh["since"] = int(time.time())
         fresh[CSRF_FIELD] = secrets.token_urlsafe(32)
         log.info("console_signed_in", key_name=key.name, scopes=sorted(key.scopes))
         raise web.HTTPSeeOther(target)

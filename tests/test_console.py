@@ -122,6 +122,16 @@ async def test_sign_in_goes_back_to_the_page_asked_for_but_never_to_another_site
         token = await console.csrf("/queues")
 
 
+async def test_a_session_ends_eight_hours_after_signing_in(console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    await console.sign_in()
+    assert (await console.client.get("/", allow_redirects=False)).status == 200
+    later = time.time() + 8 * 3600 + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert (await console.client.get("/", allow_redirects=False)).status == 303
+
+
 async def test_sign_out_ends_the_session(console: Console) -> None:
     await console.sign_in()
     token = await console.csrf("/")
