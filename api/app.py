@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,12 +23,19 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from authnotify.api.console import Console, add_console, console_middleware
 from authnotify.api.keys import ApiKey, ApiKeys
 from authnotify.api.models import (
     AccessTokenAnswer,
     AuthorizationDetail,
     AuthorizationPage,
     CommandStatus,
+    DeadLetterItem,
+    DeadLetterList,
+    QueueFigures,
+    QueueList,
+    ReplayAnswer,
+    ReplayRequest,
     RevokeAccepted,
     RevokeRequest,
 )
@@ -37,7 +45,7 @@ from authnotify.api.routes import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ROUTES
 from authnotify.config.values import parse_duration
 from authnotify.domain.authorizations import STATUSES, iso_utc
 from authnotify.domain.events import history
-from authnotify.errors import PublishFailed, StoreError
+from authnotify.errors import BrokerUnavailable, PublishFailed, StoreError
 from authnotify.messaging.health import add_health_routes, add_metrics_route
 from authnotify.messaging.publisher import Publisher
 from authnotify.messaging.topology import Topology
@@ -53,6 +61,7 @@ from authnotify.operations.authorizations import (
     revoke,
     shown_key,
 )
+from authnotify.operations.deadletters import OperatorQueues, consumer_names, dead_letter_filter, list_limit
 from authnotify.store.repository import AuthorizationStore
 
 log = get_logger("authnotify.api")
@@ -69,6 +78,14 @@ REQUEST_KEY_NAME = web.RequestKey("api_key", ApiKey)
 def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(model.model_dump(mode="json")), status=status,
                         content_type="application/json", headers=headers)
+
+
+def body_problem(exc: ValidationError) -> ApiProblem:
+    """A body that does not validate: 400 naming the first field at fault."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    location = ".".join(str(part) for part in first.get("loc", ())) or "body"
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return ApiProblem(400, "invalid-body", f"{location}: {message}")
 
 
 def encode_cursor(position: tuple[datetime, str]) -> str:
@@ -88,11 +105,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 class Api:
     """The handlers, over the store, the publisher and the keys they share."""
 
-    def __init__(self, store: AuthorizationStore, publisher: Publisher, topology: Topology, keys: ApiKeys) -> None:
+    def __init__(self, store: AuthorizationStore, publisher: Publisher, topology: Topology, keys: ApiKeys,
+                 operator_queues: OperatorQueues | None = None) -> None:
         self.store = store
         self.publisher = publisher
         self.topology = topology
         self.keys = keys
+        self.operator_queues = operator_queues
+
+    def dead_letter_queues(self) -> OperatorQueues:
+        if self.operator_queues is None:
+            raise BrokerUnavailable("this process has no broker connection for the dead letters")
+        return self.operator_queues
 
     async def list_authorizations(self, request: web.Request) -> web.StreamResponse:
         query = request.query
@@ -165,9 +189,7 @@ class Api:
         try:
             body = RevokeRequest.model_validate_json(raw) if raw.strip() else RevokeRequest()
         except ValidationError as exc:
-            first = exc.errors(include_input=False, include_url=False)[0]
-            location = ".".join(str(part) for part in first.get("loc", ())) or "body"
-            raise ApiProblem(400, "invalid-body", f"{location}: {first.get('msg', 'invalid')}") from None
+            raise body_problem(exc) from None
         command = await revoke(self.store, self.publisher, self.topology, request.match_info["key"], body.reason)
         key: ApiKey = request[REQUEST_KEY_NAME]
         log.info("revocation_queued", key_name=key.name, authorization_id=command.authorizationId,
@@ -183,6 +205,38 @@ class Api:
                                    authorizationId=outcome.authorization_id, status=outcome.status,
                                    detail=outcome.detail, attempts=outcome.attempts,
                                    updatedAt=iso_utc(outcome.updated_at) or ""))
+
+    async def list_dead_letters(self, request: web.Request) -> web.StreamResponse:
+        query = request.query
+        unknown = sorted(set(query) - {"queue", "merchant", "since", "reason", "limit"})
+        if unknown:
+            raise ApiProblem(400, "invalid-query", f"unknown query parameter {unknown[0]!r}")
+        try:
+            names = consumer_names(query.getall("queue", []))
+            chosen = dead_letter_filter(merchant=query.get("merchant"), since=query.get("since"),
+                                        reason=query.get("reason"))
+            limit = list_limit(query.get("limit"))
+        except InvalidRequest as exc:
+            raise ApiProblem(400, "invalid-query", str(exc)) from None
+        listing = await self.dead_letter_queues().list(names, chosen, limit)
+        return _json(DeadLetterList(items=[DeadLetterItem(**asdict(letter)) for letter in listing.items],
+                                    more=listing.more))
+
+    async def replay_dead_letters(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = ReplayRequest.model_validate_json(await request.read())
+        except ValidationError as exc:
+            raise body_problem(exc) from None
+        chosen = dead_letter_filter(merchant=body.merchant, since=body.since, reason=body.reason)
+        replayed = await self.dead_letter_queues().replay(body.queue.value, ids=body.ids or (), filter=chosen)
+        key: ApiKey = request[REQUEST_KEY_NAME]
+        log.info("dead_letters_replayed", key_name=key.name, queue=body.queue.value, replayed=len(replayed.items),
+                 ids=[letter.id for letter in replayed.items][:100], not_found=len(replayed.not_found))
+        return _json(ReplayAnswer(replayed=len(replayed.items), notFound=replayed.not_found))
+
+    async def queues(self, request: web.Request) -> web.StreamResponse:
+        stats = await self.dead_letter_queues().stats()
+        return _json(QueueList(queues=[QueueFigures(**asdict(figures)) for figures in stats]))
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=orjson.dumps(openapi_document()), content_type="application/json")
@@ -237,10 +291,13 @@ def _guard(keys: ApiKeys) -> Any:
             status = 503
             return problem_response(503, "refresh-pending", str(exc),
                                     headers={"Retry-After": REFRESH_RETRY_AFTER_SECONDS})
-        except (StoreError, PublishFailed) as exc:
+        except (StoreError, PublishFailed, BrokerUnavailable) as exc:
             status = 503
             log.warning("api_unavailable", route=canonical, error=str(exc))
             return problem_response(503, "unavailable", "the database or the broker is unavailable; try again")
+        except web.HTTPRedirection as exc:  # the console's redirects stay redirects
+            status = exc.status
+            raise
         except web.HTTPException as exc:  # no such route, or a method it does not take
             status = exc.status
             kind = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(exc.status, "http-error")
@@ -256,13 +313,18 @@ def _guard(keys: ApiKeys) -> Any:
 
 
 def create_api_app(store: AuthorizationStore, publisher: Publisher, topology: Topology, keys: ApiKeys, *,
-                   ready: Callable[[], bool] | None = None) -> web.Application:
-    api = Api(store, publisher, topology, keys)
-    app = web.Application(middlewares=[_guard(keys)], client_max_size=MAX_REQUEST_BYTES)
+                   ready: Callable[[], bool] | None = None, operator_queues: OperatorQueues | None = None,
+                   session_key: bytes | None = None) -> web.Application:
+    """The JSON API under /v1 and the console under / (its sessions encrypted with ``session_key``, or with a
+    key made for this process). Without ``operator_queues`` the dead-letter and queue routes answer 503."""
+    api = Api(store, publisher, topology, keys, operator_queues)
+    app = web.Application(middlewares=[_guard(keys), console_middleware(session_key)],
+                          client_max_size=MAX_REQUEST_BYTES)
     app[STORE_KEY] = store
     app[API_KEY] = api
     for route in ROUTES:
         app.router.add_route(route.method, route.path, getattr(api, route.handler))
+    add_console(app, Console(keys, store, publisher, topology, operator_queues))
     add_health_routes(app, ready or (lambda: publisher.ready), not_ready="broker unavailable")
     # Internal listener (never Alipay's): its metrics are scraped here, beside the health routes.
     add_metrics_route(app)

@@ -58,10 +58,13 @@ class ApiKeys:
 
     def find(self, presented: str) -> ApiKey | None:
         """The entry whose hash matches; every entry is compared, each in constant time."""
-        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
+        return self.find_digest(hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest())
+
+    def find_digest(self, digest: str) -> ApiKey | None:
+        """The entry with this SHA-256 (what a console session keeps instead of the key), in constant time."""
         found: ApiKey | None = None
         for key in self.keys:
-            if hmac.compare_digest(digest, key.sha256):
+            if hmac.compare_digest(digest.encode(), key.sha256.encode()):
                 found = key
         return found
 

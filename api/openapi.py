@@ -18,6 +18,9 @@ from authnotify.api.routes import HEALTH_ROUTES, ROUTES
 _ERROR_TEXT = {400: "bad request (a problem says which parameter or field)", 401: "no key, or an unknown key",
                403: "the key lacks the route's scope", 404: "no such authorization", 409: "not active",
                503: "refresh pending, or the database or the broker unavailable (retry)"}
+_DESCRIPTION = ("Authorizations, their access tokens and revocations for the payment services; dead letters and "
+                "queues for operators (the console at / uses the same operations). Keys carry scopes; errors are "
+                "RFC 9457 problems.")
 
 
 def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def openapi_document() -> dict[str, Any]:
         if parameters:
             operation["parameters"] = parameters
         if route.body is not None:
-            operation["requestBody"] = {"required": False,
+            operation["requestBody"] = {"required": route.body_required,
                                         "content": {"application/json": {"schema": _schema(route.body, components)}}}
         answer: dict[str, Any] = {"description": route.summary}
         if route.answer is not None:
@@ -72,8 +75,7 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "authnotify internal API", "version": _version(),
-                 "description": "Authorizations, their access tokens and revocations, for the payment services. "
-                                "Keys carry scopes; errors are RFC 9457 problems."},
+                 "description": _DESCRIPTION},
         "paths": paths,
         "components": {
             "schemas": components,

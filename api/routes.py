@@ -13,9 +13,15 @@ from authnotify.api.models import (
     AuthorizationDetail,
     AuthorizationPage,
     CommandStatus,
+    DeadLetterList,
+    QueueList,
+    ReplayAnswer,
+    ReplayRequest,
     RevokeAccepted,
     RevokeRequest,
 )
+from authnotify.messaging.topology import CONSUMER_NAMES
+from authnotify.operations.deadletters import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 500
@@ -33,6 +39,7 @@ class Route:
     answer: type[BaseModel] | None = None
     status: int = 200
     body: type[BaseModel] | None = None
+    body_required: bool = False
     query: tuple[tuple[str, str], ...] = ()  # (name, description)
     errors: tuple[int, ...] = ()
 
@@ -59,6 +66,20 @@ ROUTES: tuple[Route, ...] = (
           status=202, body=RevokeRequest, errors=(400, *AUTH_ERRORS, 404, 503)),
     Route("GET", "/v1/commands/{command_id}", Scope.AUTHORIZATIONS_READ, "command",
           "The outcome of a command (a revocation)", CommandStatus, errors=(*AUTH_ERRORS, 404)),
+    Route("GET", "/v1/dlq", Scope.DLQ_READ, "list_dead_letters",
+          "Dead-lettered messages, without consuming them (what `authnotify dlq list --json` prints)", DeadLetterList,
+          query=(("queue", f"a consumer ({', '.join(CONSUMER_NAMES)}); repeat for several; default: all"),
+                 ("merchant", "only messages whose referenceMerchantId (else authClientId) is this"),
+                 ("since", "only messages dead-lettered at or after this ISO 8601 time (UTC without an offset)"),
+                 ("reason", "only messages whose reason contains this, in any case"),
+                 ("limit", f"1 to {MAX_LIST_LIMIT} (default {DEFAULT_LIST_LIMIT})")),
+          errors=(400, *AUTH_ERRORS, 503)),
+    Route("POST", "/v1/dlq/replay", Scope.DLQ_WRITE, "replay_dead_letters",
+          "Move dead letters back to the queue they died in: each confirmed by the broker before it is removed",
+          ReplayAnswer, body=ReplayRequest, body_required=True, errors=(400, *AUTH_ERRORS, 503)),
+    Route("GET", "/v1/queues", Scope.DLQ_READ, "queues",
+          "Every queue of the namespace: messages ready and unacknowledged, and consumers", QueueList,
+          errors=(*AUTH_ERRORS, 503)),
     Route("GET", "/v1/openapi.json", None, "openapi", "This document"),
 )
 # Served beside the routes above, without a key: for the platform's probes and scraper.

@@ -16,8 +16,10 @@ from authnotify.errors import EXIT_OK, CommandError, StoreError
 from authnotify.messaging.connection import Broker
 from authnotify.messaging.lifecycle import Lifecycle, listen
 from authnotify.messaging.publisher import ConfirmedPublisher
+from authnotify.messaging.queue_stats import BrokerMetrics
 from authnotify.messaging.topology import build_topology
 from authnotify.observability.logging import get_logger
+from authnotify.operations.deadletters import OperatorQueues
 from authnotify.store import open_store
 
 log = get_logger("authnotify.api")
@@ -28,6 +30,20 @@ API_NEEDS = frozenset({Need.BROKER, Need.DATABASE, Need.TOKEN_KEYS, Need.API_KEY
 
 PUBLISH_TIMEOUT_SECONDS = 5.0
 DRAIN_TIMEOUT_SECONDS = 15.0  # an on-demand refresh waits 10 s at most
+
+
+def operator_queues(settings: Settings, broker: Broker) -> OperatorQueues:
+    """The dead letters and queue figures on the process's broker connection (RabbitMQ's Prometheus endpoints
+    for the unacknowledged counts, unless AUTHNOTIFY_RABBITMQ_METRICS_URLS is "none")."""
+    urls = settings.broker_metrics_urls()
+    metrics = BrokerMetrics(urls, settings.broker_vhost()) if urls else None
+    return OperatorQueues(broker, broker.topology, metrics)
+
+
+def console_session_key(settings: Settings) -> bytes | None:
+    """AUTHNOTIFY_CONSOLE_SESSION_KEY, or None: the console then makes a key for this process."""
+    key = settings.console_session_key
+    return key.get_secret_value().strip().encode() if key is not None else None
 
 
 async def run_api(settings: Settings) -> int:
@@ -51,7 +67,8 @@ async def run_api(settings: Settings) -> int:
         publisher.start()
         lifecycle.on_stop(broker.close)
         lifecycle.on_stop(publisher.close)
-        app = create_api_app(store, publisher, topology, keys)
+        app = create_api_app(store, publisher, topology, keys, operator_queues=operator_queues(settings, broker),
+                             session_key=console_session_key(settings))
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
         await runner.setup()
         lifecycle.on_stop(runner.cleanup)

@@ -45,3 +45,7 @@ class StoreError(TransientError):
 
 class PublishFailed(AuthnotifyError):
     """The broker did not confirm a message (down, nacked, returned or too slow); str is the reason."""
+
+
+class BrokerUnavailable(AuthnotifyError):
+    """An operator's request to the broker (listing, replaying, counting) could not be done now; str is why."""

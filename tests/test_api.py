@@ -23,6 +23,7 @@ from openapi_spec_validator import validate
 
 from authnotify.alipay.client import AlipayClient
 from authnotify.api.app import create_api_app
+from authnotify.api.console import CONSOLE_PATHS
 from authnotify.api.keys import ApiKeys, new_api_key, parse_api_keys
 from authnotify.api.openapi import openapi_document
 from authnotify.devtools.sandbox.alipay_gateway import RunningAlipayGateway
@@ -42,7 +43,7 @@ class Keys:
     def __init__(self) -> None:
         self.made = {name: new_api_key(name, scopes) for name, scopes in {
             "all": ALL_SCOPES, "reader": ["authorizations:read"], "tokens": ["tokens:read"],
-            "revoker": ["authorizations:revoke"]}.items()}
+            "revoker": ["authorizations:revoke"], "dlq-reader": ["dlq:read"], "dlq-writer": ["dlq:write"]}.items()}
         self.file: ApiKeys = parse_api_keys("".join(made.toml_entry() for made in self.made.values()))
 
     def header(self, name: str) -> dict[str, str]:
@@ -96,6 +97,9 @@ ROUTES_UNDER_TEST = [
     ("POST", "/v1/authorizations/{id}/access-token", "tokens"),
     ("POST", "/v1/authorizations/{id}/revoke", "revoker"),
     ("GET", "/v1/commands/cmd_x", "reader"),
+    ("GET", "/v1/dlq", "dlq-reader"),
+    ("POST", "/v1/dlq/replay", "dlq-writer"),
+    ("GET", "/v1/queues", "dlq-reader"),
 ]
 
 
@@ -107,7 +111,7 @@ async def test_every_route_wants_a_known_key_with_its_scope(api: Any, api_keys: 
     await problem(await api.request(method, path), 401)
     await problem(await api.request(method, path, headers={"Authorization": "Bearer ank_not-a-key"}), 401)
     await problem(await api.request(method, path, headers={"Authorization": "Basic abc"}), 401)
-    for name in ("reader", "tokens", "revoker"):
+    for name in ("reader", "tokens", "revoker", "dlq-reader", "dlq-writer"):
         response = await api.request(method, path, headers=api_keys.header(name))
         if name == allowed:
             assert response.status != 403 and response.status != 401
@@ -279,6 +283,29 @@ async def test_a_broker_that_refuses_is_503(api: Any, api_keys: Keys) -> None:
     await problem(await api.get("/v1/authorizations", headers=api_keys.header("reader")), 503)
 
 
+# --- dead letters and queues (their real-broker behaviour: tests/test_api_dead_letters.py) -------------------
+
+
+async def test_dead_letter_queries_and_replay_bodies_are_checked_before_the_broker_is_asked(api: Any,
+                                                                                          api_keys: Keys) -> None:
+    headers = api_keys.header("all")
+    for params in ({"queue": "nope"}, {"since": "yesterday"}, {"limit": "0"}, {"limit": "1001"}, {"limit": "x"},
+                   {"merchant": "m" * 129}, {"other": "1"}):
+        body = await problem(await api.get("/v1/dlq", params=params, headers=headers), 400)
+        assert body["type"].endswith("invalid-query") and next(iter(params)) in body["detail"], body
+    for sent in (b"", b"{", b"[]", b'{"queue": "nope", "all": true}', b'{"queue": "merchant-events"}',
+                 b'{"queue": "merchant-events", "ids": []}', b'{"queue": "merchant-events", "all": false}',
+                 b'{"queue": "merchant-events", "ids": ["a"], "all": true}', b'{"queue": "merchant-events", "all": true, '
+                 b'"since": "soon"}', b'{"queue": "merchant-events", "all": true, "extra": 1}'):
+        body = await problem(await api.post("/v1/dlq/replay", data=sent, headers=headers), 400)
+        assert body["type"].endswith("invalid-body"), sent
+    # Well-formed, but this API was made without a broker connection: unavailable, not an error.
+    await problem(await api.get("/v1/dlq", params={"queue": "merchant-events", "since": "2026-11-23"},
+                                headers=headers), 503)
+    await problem(await api.post("/v1/dlq/replay", json={"queue": "merchant-events", "ids": ["x"]}, headers=headers), 503)
+    await problem(await api.get("/v1/queues", headers=headers), 503)
+
+
 # --- the OpenAPI document ------------------------------------------------------------------------------------
 
 
@@ -293,7 +320,8 @@ async def test_the_openapi_document_is_valid_and_describes_exactly_the_routes_th
     served = {(route.method, route.resource.canonical) for route in api.server.app.router.routes()
               if route.method != "HEAD" and route.resource is not None}
     documented = {(method.upper(), path) for path, methods in document["paths"].items() for method in methods}
-    assert served == documented
+    assert CONSOLE_PATHS <= served  # the console's pages (HTML, not in the document), and nothing else beside
+    assert served - CONSOLE_PATHS == documented
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
             if path.startswith("/v1/") and path != "/v1/openapi.json":

@@ -290,6 +290,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
         (secrets / f"{name}.pem").write_text(f"stand-in {name}\n")
     (secrets / "merchants.toml").write_text('[merchants.default]\nurl = "https://m.example/h"\n')
     (secrets / "api-keys.toml").write_text('[keys.billing]\nsha256 = "00"\nscopes = ["tokens:read"]\n')
+    (secrets / "console-session-key").write_text("stand-in\n")
     return render(copy_root / "overlays" / "production")
 
 

@@ -99,26 +99,28 @@ def body_for(index: int) -> bytes:
 
 
 async def put_dead(connection: aio_pika.abc.AbstractConnection, topology: Topology, consumer: Consumer,
-                   count: int, *, reason: str = "applyToken answered F: INVALID_CODE") -> list[str]:
+                   count: int, *, reason: str = "applyToken answered F: INVALID_CODE",
+                   dead_at: str = "2026-11-23T10:00:05.000Z", body: Callable[[int], bytes] | None = None) -> list[str]:
     """Dead letters as the runtime writes them, in order, into an empty DLQ; returns their ids."""
     channel = await connection.channel(publisher_confirms=False)  # fast bulk; arrival awaited below
     ids = []
+    already = await depth(connection, topology.dead_letter_queue(consumer))
     for index in range(count):
         message_id = uuid.uuid4().hex
         ids.append(message_id)
         await channel.default_exchange.publish(
             aio_pika.Message(
-                body=body_for(index), message_id=message_id, content_type=h.JSON_CONTENT_TYPE,
+                body=(body or body_for)(index), message_id=message_id, content_type=h.JSON_CONTENT_TYPE,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={h.PROVIDER: "ams", h.NOTIFY_TYPE: "AUTHCODE_CREATED", h.ATTEMPT: 3,
                          h.RECEIVED_AT: "2026-11-23T10:00:00.000Z", h.LAST_ERROR: "earlier",
                          h.DEAD_REASON: reason, h.DEAD_ATTEMPTS: 3, h.DEAD_QUEUE: consumer.value,
-                         h.DEAD_AT: "2026-11-23T10:00:05.000Z"},
+                         h.DEAD_AT: dead_at},
             ),
             routing_key=topology.dead_letter_queue(consumer),
         )
     await channel.close()
-    await wait_for(lambda: _depth_at_least(connection, topology.dead_letter_queue(consumer), count),
+    await wait_for(lambda: _depth_at_least(connection, topology.dead_letter_queue(consumer), already + count),
                    what="dead letters stored")
     return ids
 
@@ -238,6 +240,7 @@ async def test_list_json_shape_and_leaves_the_dlq_intact_in_order(setup, amqp_co
     assert listed[0] == {
         "id": ids[0], "queue": "authcode-created", "provider": "ams", "notifyType": "AUTHCODE_CREATED",
         "attempts": 3, "reason": "applyToken answered F: INVALID_CODE", "deadLetteredAt": "2026-11-23T10:00:05.000Z",
+        "merchant": None,
     }
     assert listed[-1]["queue"] == "token-canceled" and listed[-1]["reason"] == "bad body"
 
@@ -414,6 +417,65 @@ async def test_interrupted_replay_loses_nothing(setup, amqp_connection, tmp_path
 
 async def _depth_at_least(connection: aio_pika.abc.AbstractConnection, queue_name: str, count: int) -> bool:
     return await depth(connection, queue_name) >= count
+
+
+# --- filters: --merchant, --since, --reason ----------------------------------------------------------
+
+
+def event_body(merchant: str, client: str = "2188001") -> Callable[[int], bytes]:
+    """A merchant event's body, as merchant-events dead-letters it."""
+    return lambda index: orjson.dumps({"id": f"msg_{merchant}_{index}", "type": "authorization.activated",
+                                       "createdAt": "2026-11-23T08:00:00Z",
+                                       "data": {"provider": "aps", "authClientId": client,
+                                                "referenceMerchantId": merchant}})
+
+
+async def test_list_and_replay_take_the_merchant_since_and_reason_filters(setup, amqp_connection, tmp_path) -> None:
+    settings, topology = setup
+    early = await put_dead(amqp_connection, topology, Consumer.MERCHANT_EVENTS, 2, reason="merchant answered 503",
+                           dead_at="2026-11-23T08:59:59.000Z", body=event_body("M-1"))
+    late = await put_dead(amqp_connection, topology, Consumer.MERCHANT_EVENTS, 2, reason="merchant answered 503",
+                          dead_at="2026-11-23T09:30:00.000Z", body=event_body("M-1"))
+    other = await put_dead(amqp_connection, topology, Consumer.MERCHANT_EVENTS, 1, reason="Merchant TIMED OUT",
+                           dead_at="2026-11-23T09:30:00.000Z", body=event_body("M-2"))
+    notifications = await put_dead(amqp_connection, topology, Consumer.AUTHCODE_CREATED, 1,
+                                   dead_at="2026-11-23T09:30:00.000Z")
+
+    listed = (await dlq(settings, tmp_path, "list", "--json")).json()
+    assert {entry["id"]: entry["merchant"] for entry in listed} == {
+        **dict.fromkeys(early + late, "M-1"), other[0]: "M-2", notifications[0]: None}
+    by_merchant = await dlq(settings, tmp_path, "list", "--merchant", "M-1", "--since", "2026-11-23T09:00:00Z", "--json")
+    assert [entry["id"] for entry in by_merchant.json()] == late
+    by_reason = await dlq(settings, tmp_path, "list", "merchant-events", "--reason", "timed out", "--json")
+    assert [entry["id"] for entry in by_reason.json()] == other
+    local_time = await dlq(settings, tmp_path, "list", "--since", "2026-11-23T17:00:00+08:00", "--json")
+    assert {entry["id"] for entry in local_time.json()} == {*late, *other, *notifications}
+    table = await dlq(settings, tmp_path, "list", "--merchant", "M-2")
+    assert "merchant" in table.stdout and "M-2" in table.stdout and late[0] not in table.stdout
+
+    # "Replay everything that died for merchant M-1 since 09:00", and nothing else.
+    replayed = await dlq(settings, tmp_path, "replay", "--merchant", "M-1", "--since", "2026-11-23T09:00", "--json")
+    assert replayed.code == 0 and replayed.json() == {"replayed": 2}
+    assert [m.message_id for m in await drain(amqp_connection, topology.consumer_queue(Consumer.MERCHANT_EVENTS))] == late
+    filtered_out = await dlq(settings, tmp_path, "replay", "--id", other[0], "--merchant", "M-1", "--json")
+    assert filtered_out.code == 1 and filtered_out.json() == {"replayed": 0}
+    assert "among the filtered dead letters" in filtered_out.stderr and other[0] in filtered_out.stderr
+    remaining = await drain(amqp_connection, topology.dead_letter_queue(Consumer.MERCHANT_EVENTS))
+    assert [m.message_id for m in remaining] == early + other
+
+
+@pytest.mark.slow  # starts the command line three times
+@pytest.mark.parametrize("args", [["list", "--since", "soon"], ["replay", "--since", "2026-11-31"],
+                                  ["replay", "--limit", "0"]])
+async def test_a_bad_filter_is_one_line_and_exit_2_before_the_broker_is_asked(tmp_path, args: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHNOTIFY_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authnotify", "dlq", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env | {"AUTHNOTIFY_RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/"},
+        cwd=tmp_path)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2 and stdout == b""
+    assert len(stderr.decode().strip().splitlines()) == 1 and "unreachable" not in stderr.decode()
 
 
 # --- purge and failures --------------------------------------------------------------------------------

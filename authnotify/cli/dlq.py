@@ -20,7 +20,7 @@ from rich.table import Table
 
 from authnotify.config import Settings
 from authnotify.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError, PublishFailed
-from authnotify.messaging.deadletters import DeadLetter, DeadLetterQueues, Selection
+from authnotify.messaging.deadletters import DeadLetter, DeadLetterFilter, DeadLetterQueues, Selection
 from authnotify.messaging.topology import Consumer, build_topology
 
 
@@ -47,7 +47,7 @@ def _print_json(document: Any) -> None:
 
 def _table(letters: list[DeadLetter], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("id", "queue", "provider", "notifyType", "attempts", "reason", "deadLetteredAt"):
+    for column in ("id", "queue", "provider", "notifyType", "attempts", "reason", "deadLetteredAt", "merchant"):
         table.add_column(column, overflow="fold", no_wrap=column in ("id", "deadLetteredAt"))
     for letter in letters:
         table.add_row(*("" if value is None else str(value) for value in asdict(letter).values()))
@@ -75,10 +75,16 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"authnotify: the broker refused a replayed message ({exc})") from None
 
 
+def _filter(args: argparse.Namespace) -> DeadLetterFilter:
+    """--merchant, --since, --reason: the filter the API's dead-letter routes take too."""
+    return DeadLetterFilter(merchant=getattr(args, "merchant", None) or None, since=getattr(args, "since", None),
+                            reason=getattr(args, "reason", None) or None)
+
+
 async def _run(queues: DeadLetterQueues, args: argparse.Namespace) -> int:
     names: list[str] = list(args.queues or [])
     if args.dlq_command == "list":
-        letters = await queues.list(names)
+        letters = await queues.list(names, Selection(filter=_filter(args)))
         if args.json:
             _print_json([asdict(letter) for letter in letters])
         elif letters:
@@ -87,9 +93,9 @@ async def _run(queues: DeadLetterQueues, args: argparse.Namespace) -> int:
             print("no dead-lettered messages")
         return EXIT_OK
     if args.dlq_command == "replay":
+        selection = Selection(args.ids, args.limit, _filter(args))
         with _progress("replaying") as progress:
-            letters = await queues.replay(names, Selection(args.ids, args.limit), dry_run=args.dry_run,
-                                          progress=progress)
+            letters = await queues.replay(names, selection, dry_run=args.dry_run, progress=progress)
         missing = [] if args.limit else sorted(set(args.ids) - {letter.id for letter in letters})
         if args.json:
             _print_json({"replayed": len(letters)})
@@ -99,7 +105,8 @@ async def _run(queues: DeadLetterQueues, args: argparse.Namespace) -> int:
                 _print_table(letters, verb)
             print(f"{verb} {len(letters)} message{_plural(len(letters))}")
         if missing:
-            print(f"authnotify: not found in the dead-letter queues: {', '.join(missing)}", file=sys.stderr)
+            where = "in the dead-letter queues" if selection.filter.empty else "among the filtered dead letters"
+            print(f"authnotify: not found {where}: {', '.join(missing)}", file=sys.stderr)
             return EXIT_FAILURE
         return EXIT_OK
     if args.dlq_command == "purge":

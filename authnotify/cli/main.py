@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from authnotify import __version__
 from authnotify.config import Need, Settings, check_needs, load_settings
 from authnotify.config.settings import unknown_variables
-from authnotify.config.values import duration, positive_int
+from authnotify.config.values import duration, instant, positive_int
 from authnotify.domain.authorizations import STATUSES
 from authnotify.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError, ConfigError
 from authnotify.messaging.topology import CONSUMER_NAMES
@@ -60,77 +60,134 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message}", EXIT_USAGE)
 
 
+def _queue_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE",
+                        help=f"the consumers whose dead letters to {verb} ({', '.join(CONSUMER_NAMES)}; "
+                             "default: all)")
+
+
+def _filter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dead-letter filters, the same as the internal API's (GET /v1/dlq, POST /v1/dlq/replay)."""
+    parser.add_argument("--merchant", metavar="ID",
+                        help="only messages about this merchant: their referenceMerchantId, else their "
+                             "authClientId (default: any merchant)")
+    parser.add_argument("--since", type=instant, metavar="ISO-8601",
+                        help="only messages dead-lettered at or after this time, e.g. 2026-11-23T09:00:00Z "
+                             "(UTC when it has no offset; default: any time)")
+    parser.add_argument("--reason", metavar="TEXT",
+                        help="only messages whose reason contains TEXT, in any case (default: any reason)")
+
+
+def _json_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as one JSON document on stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="authnotify", description="Alipay authorization notification pipeline")
+    parser = _Parser(prog="authnotify", description="Alipay authorization notification pipeline: the ingress, "
+                     "the workers, the scheduler, the internal API and the operator commands. Configuration "
+                     "comes from AUTHNOTIFY_* variables (and a .env file).")
     parser.add_argument("--version", action="version", version=f"authnotify {__version__}",
                         help="print the version and exit")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                     help="what to run (authnotify COMMAND --help tells more)")
 
-    commands.add_parser("ingress", help="run the HTTP ingress")
-    commands.add_parser("scheduler", help="publish due token refreshes, expiries and expiry warnings")
-    commands.add_parser("api", help="serve the internal API (AUTHNOTIFY_API_HOST:AUTHNOTIFY_API_PORT)")
-    api_keys = commands.add_parser("api-keys", help="API keys for the internal API")
-    api_key_commands = api_keys.add_subparsers(dest="api_keys_command", required=True, parser_class=_Parser)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help)
+
+    command("ingress", "run the HTTP ingress (Alipay's notifications, on AUTHNOTIFY_HTTP_HOST:AUTHNOTIFY_HTTP_PORT)")
+    command("scheduler", "publish due token refreshes, expiries and expiry warnings")
+    command("api", "serve the internal API and the operator console (AUTHNOTIFY_API_HOST:AUTHNOTIFY_API_PORT)")
+    api_keys = command("api-keys", "API keys for the internal API and the console")
+    api_key_commands = api_keys.add_subparsers(dest="api_keys_command", required=True, parser_class=_Parser,
+                                               metavar="SUBCOMMAND", help="what to do with API keys")
     api_key_create = api_key_commands.add_parser(
-        "create", help="print a new random key once, and the entry to add to AUTHNOTIFY_API_KEYS_FILE")
-    api_key_create.add_argument("name", metavar="NAME")
+        "create", help="print a new random key once, and the entry to add to AUTHNOTIFY_API_KEYS_FILE",
+        description="print a new random key once, and the entry to add to AUTHNOTIFY_API_KEYS_FILE")
+    api_key_create.add_argument("name", metavar="NAME", help="the key's name, as the audit log shows it")
     api_key_create.add_argument("--scope", dest="scopes", action="append", required=True, metavar="S",
-                                help="a scope the key grants (repeat for several)")
-    worker = commands.add_parser("worker", help=f"run consumers (none named = all {len(CONSUMER_NAMES)})")
-    worker.add_argument("names", nargs="*", type=_consumer_name, metavar="NAME")
-    commands.add_parser("topology", help="declare every exchange and queue")
-    commands.add_parser("migrate", help="bring the database schema up to date")
-    commands.add_parser("reencrypt-tokens",
-                        help="rewrite stored tokens under the first key of AUTHNOTIFY_TOKEN_KEYS (key rotation)")
+                                help="a scope the key grants (repeat for several; required): "
+                                     "authorizations:read, tokens:read, authorizations:revoke, dlq:read, dlq:write")
+    worker = command("worker", f"run consumers (none named = all {len(CONSUMER_NAMES)})")
+    worker.add_argument("names", nargs="*", type=_consumer_name, metavar="NAME",
+                        help=f"the consumers to run ({', '.join(CONSUMER_NAMES)}; default: all)")
+    command("topology", "declare every exchange and queue (idempotent)")
+    command("migrate", "bring the database schema up to date")
+    command("reencrypt-tokens", "rewrite stored tokens under the first key of AUTHNOTIFY_TOKEN_KEYS (key rotation)")
 
-    dlq = commands.add_parser("dlq", help="inspect, replay and purge dead-lettered messages")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
-    dlq_list = dlq_commands.add_parser("list", help="dead-lettered messages, without consuming them")
-    dlq_list.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE")
-    dlq_list.add_argument("--json", action="store_true")
-    dlq_replay = dlq_commands.add_parser("replay", help="move dead-lettered messages back")
-    dlq_replay.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE")
-    dlq_replay.add_argument("--id", dest="ids", action="append", default=[], metavar="ID")
-    dlq_replay.add_argument("--limit", type=positive_int, metavar="N")
-    dlq_replay.add_argument("--dry-run", action="store_true")
-    dlq_replay.add_argument("--json", action="store_true")
-    dlq_purge = dlq_commands.add_parser("purge", help="delete dead-lettered messages")
-    dlq_purge.add_argument("queues", nargs="*", type=_consumer_name, metavar="QUEUE")
-    dlq_purge.add_argument("--id", dest="ids", action="append", default=[], metavar="ID")
-    dlq_purge.add_argument("--yes", action="store_true")
-    dlq_purge.add_argument("--json", action="store_true")
+    dlq = command("dlq", "inspect, replay and purge dead-lettered messages")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser,
+                                      metavar="SUBCOMMAND", help="what to do with the dead letters")
+    dlq_list = dlq_commands.add_parser("list", help="dead-lettered messages, without consuming them",
+                                       description="dead-lettered messages, without consuming them")
+    _queue_arguments(dlq_list, "list")
+    _filter_arguments(dlq_list)
+    _json_argument(dlq_list, "an array of {id, queue, provider, notifyType, attempts, reason, deadLetteredAt, "
+                             "merchant}")
+    dlq_replay = dlq_commands.add_parser(
+        "replay", help="move dead-lettered messages back to the queue they died in (confirmed before removed)",
+        description="move dead-lettered messages back to the queue they died in (confirmed before removed)")
+    _queue_arguments(dlq_replay, "replay")
+    dlq_replay.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
+                            help="only this message (repeat for several; default: every message)")
+    dlq_replay.add_argument("--limit", type=positive_int, metavar="N",
+                            help="at most N messages (default: no limit)")
+    _filter_arguments(dlq_replay)
+    dlq_replay.add_argument("--dry-run", action="store_true", help="show what would be replayed; move nothing")
+    _json_argument(dlq_replay, '{"replayed": N}')
+    dlq_purge = dlq_commands.add_parser("purge", help="delete dead-lettered messages for good",
+                                        description="delete dead-lettered messages for good")
+    _queue_arguments(dlq_purge, "purge")
+    dlq_purge.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
+                           help="only this message (repeat for several; default: every message)")
+    dlq_purge.add_argument("--yes", action="store_true", help="confirm the deletion (required)")
+    _json_argument(dlq_purge, '{"purged": N}')
 
-    auths = commands.add_parser("authorizations", help="stored authorizations (never raw tokens)")
-    auth_commands = auths.add_subparsers(dest="auth_command", required=True, parser_class=_Parser)
-    auth_list = auth_commands.add_parser("list")
-    auth_list.add_argument("--status", choices=STATUSES)
-    auth_list.add_argument("--merchant", metavar="ID")
+    auths = command("authorizations", "stored authorizations (never raw tokens)")
+    auth_commands = auths.add_subparsers(dest="auth_command", required=True, parser_class=_Parser,
+                                         metavar="SUBCOMMAND", help="what to do with the authorizations")
+    auth_list = auth_commands.add_parser("list", help="list stored authorizations, oldest first",
+                                         description="list stored authorizations, oldest first")
+    auth_list.add_argument("--status", choices=STATUSES,
+                           help=f"only those with this status ({', '.join(STATUSES)}; default: any)")
+    auth_list.add_argument("--merchant", metavar="ID",
+                           help="only those whose referenceMerchantId or authClientId is ID (default: any)")
     auth_list.add_argument("--expiring-within", type=duration, metavar="DURATION",
-                           help="active ones whose refresh token (or access token, where there is none) "
-                                "expires within DURATION (24h, 7d)")
-    auth_list.add_argument("--json", action="store_true")
-    auth_show = auth_commands.add_parser("show")
-    auth_show.add_argument("key", metavar="KEY")
-    auth_show.add_argument("--json", action="store_true")
-    auth_revoke = auth_commands.add_parser("revoke", help="revoke at Alipay, then cancel (queued, with confirms)")
-    auth_revoke.add_argument("key", metavar="KEY")
-    auth_revoke.add_argument("--reason", metavar="TEXT")
-    auth_revoke.add_argument("--wait", action="store_true", help="wait for the outcome; exit 1 if it failed")
-    auth_revoke.add_argument("--json", action="store_true")
+                           help="only active ones whose refresh token (or access token, where there is none) "
+                                "expires within DURATION, e.g. 24h or 7d (default: any)")
+    _json_argument(auth_list, "an array of the authorizations' data objects")
+    auth_show = auth_commands.add_parser("show", help="one authorization and its history; exit 1 when none matches",
+                                         description="one authorization and its history; exit 1 when none matches")
+    auth_show.add_argument("key", metavar="KEY",
+                           help="its authorizationId, any accessTokenFingerprint it held, or its referenceAgreementId")
+    _json_argument(auth_show, "its data object")
+    auth_revoke = auth_commands.add_parser(
+        "revoke", help="revoke at Alipay, then cancel (queued, with confirms)",
+        description="revoke at Alipay, then cancel: queues the command (with confirms) and prints its commandId")
+    auth_revoke.add_argument("key", metavar="KEY",
+                             help="its authorizationId, any accessTokenFingerprint it held, or its referenceAgreementId")
+    auth_revoke.add_argument("--reason", metavar="TEXT",
+                             help="why, at most 256 characters: the authorization.canceled event carries it "
+                                  "(default: none)")
+    auth_revoke.add_argument("--wait", action="store_true",
+                             help="wait (up to 2 minutes) for the outcome; exit 1 if it failed (default: return "
+                                  "once queued)")
+    _json_argument(auth_revoke, '{"commandId", "authorizationId"} (with --wait, also status and detail)')
 
-    verify = commands.add_parser(
-        "verify-signature", help="check a captured notification as the ingress would, and say which part fails")
-    verify.add_argument("--provider", required=True, choices=("ams", "aps"), help="whose notification it is")
+    verify = command("verify-signature",
+                     "check a captured notification as the ingress would, and say which part fails")
+    verify.add_argument("--provider", required=True, choices=("ams", "aps"),
+                        help="whose notification it is: ams or aps (required)")
     verify.add_argument("--headers", required=True, metavar="FILE",
-                        help="the request's headers, one 'Name: value' a line ('-': stdin)")
-    verify.add_argument("--body", required=True, metavar="FILE", help="the request's exact body bytes ('-': stdin)")
+                        help="the request's headers, one 'Name: value' a line ('-': stdin; required)")
+    verify.add_argument("--body", required=True, metavar="FILE",
+                        help="the request's exact body bytes ('-': stdin; required)")
     verify.add_argument("--path", metavar="PATH",
                         help="the path the request was captured at, when it may differ from the notify path "
                              "(default: the notify path with AUTHNOTIFY_NOTIFY_PATH_PREFIX)")
     verify.add_argument("--json", action="store_true", help='print {"valid", "failed", "detail"} as JSON')
 
-    commands.add_parser("dev", help="ingress and all workers in one process, with local defaults")
-    simulate = commands.add_parser("simulate", help="play Alipay against a running ingress")
+    command("dev", "ingress, all workers, the scheduler and the API in one process, with local defaults")
+    simulate = command("simulate", "play Alipay against a running ingress")
     from authnotify.devtools import simulate as simulate_module
 
     simulate_module.add_arguments(simulate)

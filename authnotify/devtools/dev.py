@@ -33,6 +33,7 @@ from aiohttp import web
 from authnotify.alipay.notifications import NOTIFY_PATHS
 from authnotify.api.app import create_api_app
 from authnotify.api.keys import load_api_keys
+from authnotify.api.server import console_session_key, operator_queues
 from authnotify.config import ENV_PREFIX, PROVIDERS, DevSettings, Settings, load, load_settings
 from authnotify.config.keys import ANY_KEY_VERSION, PublicKeyRing
 from authnotify.devtools.devkeys import (
@@ -195,6 +196,7 @@ def run_banner(settings: Settings, keys: DevKeys, ingress_url: str, gateway_url:
         + ("" if settings.merchants_file == keys.path(MERCHANTS_FILE)
            else f"\n                     events go where {settings.merchants_file} says (AUTHNOTIFY_MERCHANTS_FILE)"),
         f"  internal API       {api_url}/v1/authorizations  (Authorization: Bearer $(cat {_relative(keys.path(API_KEY))}))",
+        f"  console            {api_url}/  (sign in with the key in {_relative(keys.path(API_KEY))})",
         f"  lifecycle          scheduler every {settings.scheduler_interval:g}s, refresh {settings.refresh_before:g}s "
         f"ahead, expiry warning {settings.expiry_warning:g}s ahead",
         f"  metrics            {metrics_url}   health {ingress_url}/healthz, {ingress_url}/readyz",
@@ -290,7 +292,9 @@ async def run(args: argparse.Namespace) -> int:
         scheduler.start()
         lifecycle.on_stop(_quietly(scheduler.stop))
         api_runner = web.AppRunner(create_api_app(store, workers.publisher, topology,
-                                                  load_api_keys(settings.api_keys_file)),
+                                                  load_api_keys(settings.api_keys_file),
+                                                  operator_queues=operator_queues(settings, workers.broker),
+                                                  session_key=console_session_key(settings)),
                                    access_log=None, handle_signals=False, shutdown_timeout=DRAIN_TIMEOUT_SECONDS)
         await api_runner.setup()
         lifecycle.on_stop(_quietly(api_runner.cleanup))

@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to send (default: lifecycle)")
     parser.add_argument("--url", help="the ingress base URL (default: $AUTHNOTIFY_SIMULATE_URL, else the "
                                       f"running `authnotify dev`'s, else {DEFAULT_URL})")
-    parser.add_argument("--provider", choices=("ams", "aps", "both"), default="both")
+    parser.add_argument("--provider", choices=("ams", "aps", "both"), default="both",
+                        help="whose notifications to send: ams, aps or both (default both)")
     parser.add_argument("--count", type=positive_int, default=1,
                         help="notifications (lifecycles) per provider (default 1)")
     parser.add_argument("--rate", type=non_negative_float, default=0.0,
@@ -102,8 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-key", metavar="KEY",
                         help="our public key, to verify the answers' signatures "
                              "(default: $AUTHNOTIFY_SIMULATE_PUBLIC_KEY, else dev's)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON document")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON document (default: a table)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on a terminal)")
 
 
 # --- what is sent ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
 
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -72,6 +73,16 @@ def _key_text(value: Any) -> Any:
         return PrivateKey(value)
     text = str(value)
     return SecretStr(text) if text.strip() else None
+
+
+def _fernet_key(value: SecretStr | None) -> SecretStr | None:
+    if value is None or not value.get_secret_value().strip():
+        return None
+    try:
+        Fernet(value.get_secret_value().strip())
+    except (ValueError, TypeError):
+        raise ValueError("not a Fernet key (32 url-safe base64-encoded bytes)") from None
+    return value
 
 
 def _url_schemes(*schemes: str) -> Any:
@@ -207,6 +218,12 @@ class Settings(EnvironmentSettings):
     api_host: str = Field(default="127.0.0.1", min_length=1)
     api_port: int = Field(default=8088, ge=1, le=65535)
     api_keys_file: Path | None = None
+    # The console's session cookies are encrypted with this Fernet key; unset, each api process makes its own
+    # (sessions then end when it restarts, and several replicas need it set, the same everywhere).
+    console_session_key: Annotated[SecretStr | None, AfterValidator(_fernet_key)] = None
+    # RabbitMQ's Prometheus endpoints (rabbitmq_prometheus, one per node, comma-separated), where the API reads
+    # each queue's unacknowledged messages; unset: the broker's host on port 15692; "none": not asked.
+    rabbitmq_metrics_urls: str | None = None
 
     _parsed_keys: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -272,6 +289,20 @@ class Settings(EnvironmentSettings):
     def broker_url(self) -> str:
         """AUTHNOTIFY_RABBITMQ_URL with its password: only for opening the connection."""
         return self.rabbitmq_url.get_secret_value()
+
+    def broker_vhost(self) -> str:
+        """The virtual host of AUTHNOTIFY_RABBITMQ_URL ("/" when the URL names none)."""
+        path = urlsplit(self.broker_url()).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
+
+    def broker_metrics_urls(self) -> tuple[str, ...]:
+        """Where RabbitMQ's Prometheus endpoints are (AUTHNOTIFY_RABBITMQ_METRICS_URLS), none when turned off."""
+        if self.rabbitmq_metrics_urls is None:
+            host = urlsplit(self.broker_url()).hostname or "127.0.0.1"
+            return (f"http://[{host}]:15692" if ":" in host else f"http://{host}:15692",)
+        if self.rabbitmq_metrics_urls.strip().lower() == "none":
+            return ()
+        return tuple(url.strip() for url in self.rabbitmq_metrics_urls.split(",") if url.strip())
 
     def store_url(self) -> str:
         """AUTHNOTIFY_DATABASE_URL with its password: only for opening the database."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from datetime import UTC, datetime
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -31,6 +32,16 @@ def parse_durations(text: str) -> tuple[float, ...]:
     if not text:
         return ()
     return tuple(parse_duration(part) for part in text.split(","))
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 date or time (``2026-11-23``, ``2026-11-23T09:00``, ``2026-11-23T09:00:00+08:00``,
+    ``...Z``), as an aware datetime; without an offset it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not an ISO 8601 time like 2026-11-23T09:00:00Z") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 # --- the TLS modes a database URL may ask for (libpq's sslmode, asyncpg's ssl) ----------------------
@@ -85,5 +96,13 @@ def duration(value: str) -> float:
     """An option's duration (``10s``, ``24h``, ``7d``), in seconds."""
     try:
         return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def instant(value: str) -> datetime:
+    """An option's ISO 8601 time (UTC when it has no offset)."""
+    try:
+        return parse_instant(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

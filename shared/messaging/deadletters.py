@@ -8,7 +8,10 @@ its consumer queue through the confirmed publisher and acks it in the DLQ only a
 replay interrupted at any point leaves every message in the DLQ, in the consumer queue, or (at worst,
 between the confirm and the ack) in both; the handlers are idempotent. Messages not chosen are never acked.
 
-The command line (``authnotify dlq``) prints what these return.
+A listing or a replay can be narrowed by :class:`DeadLetterFilter` (merchant, dead-lettered since, reason),
+the one filter the command line (``authnotify dlq list|replay --merchant --since --reason``) and the
+internal API (``GET /v1/dlq``, ``POST /v1/dlq/replay``) both use. The command line prints what these return;
+the API answers it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from authnotify.errors import CommandError
@@ -47,6 +51,7 @@ class DeadLetter:
     attempts: int | None
     reason: str | None
     deadLetteredAt: str | None
+    merchant: str | None  # referenceMerchantId, else authClientId, from the body; None when it names neither
 
 
 def _iso(value: Any) -> str | None:
@@ -98,6 +103,28 @@ def message_key(message: AbstractIncomingMessage) -> str:
     return "sha256:" + hashlib.sha256(message.body).hexdigest()[:32]
 
 
+MERCHANT_FIELDS = ("referenceMerchantId", "authClientId")  # in this order, as the merchant registry matches
+
+
+def merchant_of(body: bytes) -> str | None:
+    """The merchant a message is about: its ``referenceMerchantId``, else its ``authClientId`` (a merchant
+    event's from its ``data``). None for a body that names neither (a lifecycle command, a body that is not
+    JSON): dead letters are shown whatever they hold."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    data = document.get("data")
+    fields = data if isinstance(data, dict) else document
+    for name in MERCHANT_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def describe(message: AbstractIncomingMessage, consumer: Consumer) -> DeadLetter:
     headers = dict(message.headers or {})
     death = death_of(message, consumer)
@@ -109,21 +136,65 @@ def describe(message: AbstractIncomingMessage, consumer: Consumer) -> DeadLetter
         attempts=death["attempts"],
         reason=death["reason"],
         deadLetteredAt=death["at"],
+        merchant=merchant_of(message.body),
     )
 
 
-class Selection:
-    """Which messages an operation takes: by id (none: all) and at most ``limit``."""
+def _moment(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
-    def __init__(self, ids: Iterable[str] = (), limit: int | None = None) -> None:
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters an operator means (docs/operations.md): all the given conditions hold.
+
+    ``merchant`` equals the message's merchant (:func:`merchant_of`); ``since`` keeps those dead-lettered at
+    or after it (a dead letter whose time is unknown is left out); ``reason`` is a case-insensitive substring
+    of the reason.
+    """
+
+    merchant: str | None = None
+    since: datetime | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.since is not None and self.since.tzinfo is None:
+            raise ValueError("since must carry its offset (or be UTC)")
+
+    @property
+    def empty(self) -> bool:
+        return self.merchant is None and self.since is None and not self.reason
+
+    def matches(self, letter: DeadLetter) -> bool:
+        if self.merchant is not None and letter.merchant != self.merchant:
+            return False
+        if self.since is not None:
+            died = _moment(letter.deadLetteredAt)
+            if died is None or died < self.since:
+                return False
+        return not self.reason or self.reason.casefold() in (letter.reason or "").casefold()
+
+
+class Selection:
+    """Which messages an operation takes: by id (none: all), matching the filter, and at most ``limit``."""
+
+    def __init__(self, ids: Iterable[str] = (), limit: int | None = None,
+                 filter: DeadLetterFilter | None = None) -> None:
         self.ids = set(ids)
         self.limit = limit
+        self.filter = filter or DeadLetterFilter()
         self.taken = 0
 
-    def wants(self, message_id: str) -> bool:
+    def wants(self, letter: DeadLetter) -> bool:
         if self.limit is not None and self.taken >= self.limit:
             return False
-        return not self.ids or message_id in self.ids
+        return (not self.ids or letter.id in self.ids) and self.filter.matches(letter)
 
     @property
     def full(self) -> bool:
@@ -178,13 +249,22 @@ class DeadLetterQueues:
         queue = await channel.declare_queue(queue_name, passive=True)
         return queue.declaration_result.message_count or 0
 
-    async def list(self, names: Iterable[str]) -> builtins.list[DeadLetter]:
+    async def list(self, names: Iterable[str], selection: Selection | None = None) -> builtins.list[DeadLetter]:
+        """The dead letters of the named queues (none: all), in order; ``selection`` narrows and bounds it."""
+        selection = selection or Selection()
         found: builtins.list[DeadLetter] = []
         for consumer in self.consumers(names):
+            if selection.full:
+                break
             channel = await self._connection.channel()
             try:
                 async for message in self._held_messages(channel, self.topology.dead_letter_queue(consumer)):
-                    found.append(describe(message, consumer))
+                    letter = describe(message, consumer)
+                    if selection.wants(letter):
+                        selection.taken += 1
+                        found.append(letter)
+                        if selection.full:
+                            break
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()  # nothing acked: every message goes back, in order
@@ -208,10 +288,11 @@ class DeadLetterQueues:
                     progress(consumer, await self._depth(channel, dlq))
                     async for message in self._held_messages(channel, dlq):
                         progress(consumer, None)
-                        if not selection.wants(message_key(message)):
+                        letter = describe(message, consumer)
+                        if not selection.wants(letter):
                             continue  # left unacked: back in the DLQ, in place, when the channel closes
                         selection.taken += 1
-                        replayed.append(describe(message, consumer))
+                        replayed.append(letter)
                         if dry_run:
                             continue
                         await publisher.publish(replay_message(message, death_of(message, consumer)),
@@ -241,7 +322,7 @@ class DeadLetterQueues:
                 progress(consumer, await self._depth(channel, dlq))
                 async for message in self._held_messages(channel, dlq):
                     progress(consumer, None)
-                    if selection.wants(message_key(message)):
+                    if selection.wants(describe(message, consumer)):
                         await message.ack()
                         purged += 1
             finally:
