@@ -184,6 +184,9 @@ class Settings(EnvironmentSettings):
     retry_delays_merchant_events: RetryDelays = None
     retry_delays_token_refresh: RetryDelays = None
     retry_delays_revocations: RetryDelays = None
+    # Consecutive failed deliveries to one merchant after which its events wait on their retry delays without
+    # being attempted (workers/merchant_circuit.py); 0 turns the circuit off.
+    merchant_circuit_failures: int = Field(default=5, ge=0)
     ingress_max_inflight: int = Field(default=1024, ge=1)
     request_time_tolerance: Duration = 26 * 3600.0  # Alipay retries for 24 hours
     ingress_body_timeout: Duration = 10.0
