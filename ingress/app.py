@@ -43,6 +43,7 @@ from authnotify.messaging.health import add_health_routes
 from authnotify.messaging.messages import notification_message
 from authnotify.messaging.publisher import ConfirmedPublisher, Publisher
 from authnotify.messaging.topology import build_topology, notification_routing_key
+from authnotify.observability import tracing
 from authnotify.observability.logging import get_logger
 from authnotify.observability.metrics import (
     BROKER_CONNECTED,
@@ -129,6 +130,7 @@ class SignedEndpoint:
                 close_connection: bool = False, error: BaseException | None = None, **fields: Any) -> web.Response:
         """The signed answer, counted and logged (an unexpected ``error`` with its traceback, redacted)."""
         self.count(outcome)
+        tracing.record_outcome(outcome.code, failed=outcome.status == "U", http_status=outcome.http_status)
         if outcome.status == "S":
             self._log.info(self.log_event, message_id=message_id, provider=self.provider, outcome=outcome.code,
                            **fields)
@@ -144,6 +146,10 @@ class SignedEndpoint:
     async def handle(self, request: web.Request) -> web.Response:
         # Every request gets the id its message would carry, so each log line names one.
         message_id = new_message_id()
+        with tracing.request_span(self.provider, self.path, message_id):
+            return await self._checked_and_answered(request, message_id)
+
+    async def _checked_and_answered(self, request: web.Request, message_id: str) -> web.Response:
         try:
             if self._checks is None:
                 return self._answer(NO_INTERFACE_DEF, message_id, "provider not configured")
