@@ -272,3 +272,16 @@ async def test_the_fast_insert_of_token_created_is_a_database_span_of_its_trace(
     if database_url.startswith("postgresql"):
         assert "INSERT authorizations" in [span.name for span in children]  # the asyncpg fast path
     assert token not in repr([dict(span.attributes or {}) for span in spans.get_finished_spans()])
+
+
+def test_log_lines_written_inside_a_trace_name_it(spans: InMemorySpanExporter, json_logs: None,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from authnotify.observability.logging import get_logger
+
+    capsys.readouterr()
+    with tracing.request_span("ams", "/ams/notifyAuthorization", "m-9"):
+        get_logger("authnotify.test").info("inside")
+    get_logger("authnotify.test").info("outside")
+    inside, outside = (orjson.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{"))
+    (span,) = spans.get_finished_spans()
+    assert inside["trace_id"] == f"{span.context.trace_id:032x}" and "trace_id" not in outside

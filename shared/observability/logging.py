@@ -138,6 +138,7 @@ def configure_logging(log_format: str = "json", level: int | str = logging.INFO,
     renderer = _renderer(log_format)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        tracing.add_trace_id,
         structlog.processors.add_log_level,
         timestamper,
         redact_secrets,

@@ -101,6 +101,18 @@ def disable_tracing() -> None:
     TRACING.tracer = TRACING.provider = None
 
 
+def add_trace_id(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: the current trace's id on every log line written inside one (to find the trace
+    from a log line, and the other lines of the same notification by its id)."""
+    if TRACING.enabled:
+        from opentelemetry import trace
+
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            event_dict.setdefault("trace_id", f"{context.trace_id:032x}")
+    return event_dict
+
+
 # --- the trace in AMQP headers -----------------------------------------------------------------------
 
 
