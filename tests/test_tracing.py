@@ -122,8 +122,11 @@ def test_configured_with_an_endpoint_it_exports_over_otlp_under_the_service_name
         (provider,) = installed
         assert provider.resource.attributes["service.name"] == "authnotify-worker"
         monkeypatch.setenv("OTEL_SERVICE_NAME", "payments-webhooks")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
         assert tracing.configure_tracing(endpoint="http://127.0.0.1:1", protocol=None, service_name="authnotify-worker")
         assert installed[1].resource.attributes["service.name"] == "payments-webhooks"
+        assert "TraceIdRatioBased{0.25}" in installed[1].sampler.get_description()
     finally:
         tracing.disable_tracing()
         for provider in installed:
