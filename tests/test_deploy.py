@@ -1163,13 +1163,14 @@ def test_production_talks_to_the_broker_over_tls_only(production: list[dict[str,
     assert secrets["authnotify-broker-keda"]["stringData"]["management-url"].startswith("https://")
 
 
-def test_the_kubernetes_ingress_routes_only_the_notify_paths(base: list[dict[str, Any]]) -> None:
-    """Issue 10: /metrics answered on the Alipay-facing port. Outside, only the two notify paths exist."""
-    from authnotify.alipay.notifications import NOTIFY_PATHS
+def test_the_kubernetes_ingress_routes_only_the_paths_alipay_calls(base: list[dict[str, Any]]) -> None:
+    """Issue 10: /metrics answered on the Alipay-facing port. Outside, only the two notify paths exist, and
+    Alipay+'s consultUnbinding (which it could not reach before)."""
+    from authnotify.alipay.notifications import CONSULT_UNBINDING_PATH, NOTIFY_PATHS
 
     (route,) = by_kind(base, "Ingress").values()
     paths = [path for rule in route["spec"]["rules"] for path in rule["http"]["paths"]]
-    assert sorted(p["path"] for p in paths) == sorted(NOTIFY_PATHS.values())
+    assert sorted(p["path"] for p in paths) == sorted([*NOTIFY_PATHS.values(), CONSULT_UNBINDING_PATH])
     assert {p["pathType"] for p in paths} == {"Exact"}
     assert {(p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"]) for p in paths} == {
         ("authnotify-ingress", "http")}
