@@ -59,11 +59,12 @@ bench-lifecycle: $(STAMP)
 bench: bench-ingress bench-workers bench-lifecycle
 
 # The image installs exactly these (pip --require-hashes): rerun after changing dependencies in pyproject.toml.
-# Resolved against PyPI alone, whatever index this machine's pip is configured with.
+# Resolved against PyPI alone, whatever index this machine's pip is configured with. The otel extra is in the
+# image, so tracing is a matter of setting OTEL_EXPORTER_OTLP_ENDPOINT.
 lock: $(STAMP)
 	$(PY) -m pip install --quiet "pip-tools>=7.4,<8"
 	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
-	  --allow-unsafe --all-build-deps --no-emit-index-url --no-emit-find-links \
+	  --allow-unsafe --all-build-deps --no-emit-index-url --no-emit-find-links --extra otel \
 	  --output-file deploy/requirements.lock pyproject.toml
 
 clean:

@@ -5,7 +5,9 @@ method, content type, size, Client-Id, Request-Time window, body within its time
 signature); a request that fails a check publishes nothing. An accepted notification is published unchanged;
 its ``authorizationNotifyType`` only picks the routing key (anything unreadable goes to ``{provider}.unknown``,
 kept in ``{ns}.unrouted``). Alipay+'s ``consultUnbinding`` passes the same checks and is answered from the
-merchant registry, publishing nothing. The answers and their HTTP statuses are in
+merchant registry, publishing nothing. With ``AUTHNOTIFY_NOTIFY_PATH_PREFIX`` (a proxy in front adds it to
+the paths Alipay calls), each path is served both with and without the prefix, and verified and answered
+over the prefixed one: that is what Alipay signs, whether or not the proxy strips it. The answers and their HTTP statuses are in
 :mod:`authnotify.ingress.answers`. This listener serves those paths, ``/healthz`` and ``/readyz``
 (docs/ingress.md); ``/metrics`` has a listener of its own (``AUTHNOTIFY_METRICS_PORT``), so Alipay's side
 never sees it.
@@ -19,7 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from authnotify.alipay.notifications import CONSULT_UNBINDING_PATH, NOTIFY_PATHS
+from authnotify.alipay.notifications import CONSULT_UNBINDING_PATH, NOTIFY_PATHS, signed_path
 from authnotify.config import PROVIDERS, ProviderConfig, Settings
 from authnotify.domain.authorizations import access_token_fingerprint
 from authnotify.domain.merchants import UnbindingPolicy, unbinding_policy_from_settings
@@ -41,6 +43,7 @@ from authnotify.messaging.health import add_health_routes
 from authnotify.messaging.messages import notification_message
 from authnotify.messaging.publisher import ConfirmedPublisher, Publisher
 from authnotify.messaging.topology import build_topology, notification_routing_key
+from authnotify.observability import tracing
 from authnotify.observability.logging import get_logger
 from authnotify.observability.metrics import (
     BROKER_CONNECTED,
@@ -105,8 +108,9 @@ class SignedEndpoint:
     """One Alipay-facing path of one provider: every request passes the one check pipeline
     (:class:`~authnotify.ingress.checks.RequestChecks`), then :meth:`accept` says what a checked body gets.
 
-    ``checks`` is None when the provider is off (no client id): every request is answered 404. Subclasses say
-    what a checked body gets and how an answer is counted.
+    ``path`` is the path Alipay calls and signs (:func:`~authnotify.alipay.notifications.signed_path`): requests
+    are verified, and answers signed, over it. ``checks`` is None when the provider is off (no client id): every
+    request is answered 404. Subclasses say what a checked body gets and how an answer is counted.
     """
 
     log_event = "request"
@@ -126,6 +130,7 @@ class SignedEndpoint:
                 close_connection: bool = False, error: BaseException | None = None, **fields: Any) -> web.Response:
         """The signed answer, counted and logged (an unexpected ``error`` with its traceback, redacted)."""
         self.count(outcome)
+        tracing.record_outcome(outcome.code, failed=outcome.status == "U", http_status=outcome.http_status)
         if outcome.status == "S":
             self._log.info(self.log_event, message_id=message_id, provider=self.provider, outcome=outcome.code,
                            **fields)
@@ -141,13 +146,18 @@ class SignedEndpoint:
     async def handle(self, request: web.Request) -> web.Response:
         # Every request gets the id its message would carry, so each log line names one.
         message_id = new_message_id()
+        with tracing.request_span(self.provider, self.path, message_id):
+            return await self._checked_and_answered(request, message_id)
+
+    async def _checked_and_answered(self, request: web.Request, message_id: str) -> web.Response:
         try:
             if self._checks is None:
                 return self._answer(NO_INTERFACE_DEF, message_id, "provider not configured")
             checked = await self._checks.verify(request)
             return await self.accept(checked.body, message_id)
         except Refused as refused:
-            return self._answer(refused.outcome, message_id, refused.reason, close_connection=refused.close_connection)
+            return self._answer(refused.outcome, message_id, refused.reason, close_connection=refused.close_connection,
+                                **refused.fields)
         except Exception as exc:  # a bug or a dropped client: answer U (Alipay retries), never a bare 500
             return self._answer(UNKNOWN_EXCEPTION, message_id, f"unexpected {type(exc).__name__}",
                                 close_connection=True, error=exc)
@@ -265,17 +275,20 @@ def create_app(settings: Settings, *, broker: Broker | None = None, publisher: P
             path, config, budget, body_timeout=settings.ingress_body_timeout,
             request_time_tolerance=settings.request_time_tolerance)
 
-    # Every method reaches the endpoints so a wrong one gets our 405 body, not aiohttp's.
+    def serve(path: str, endpoint: SignedEndpoint) -> None:
+        # Every method reaches the endpoints so a wrong one gets our 405 body, not aiohttp's.
+        for served in dict.fromkeys((path, endpoint.path)):
+            app.router.add_route("*", served, endpoint.handle)
+
+    prefix = settings.notify_path_prefix
     for provider in PROVIDERS:
-        path = NOTIFY_PATHS[provider]
+        path = signed_path(NOTIFY_PATHS[provider], prefix)
         config = settings.provider(provider)
-        endpoint = NotificationEndpoint(provider, path, config, checks_for(path, config), publisher,
-                                        topology.notifications_exchange, inflight)
-        app.router.add_route("*", path, endpoint.handle)
+        serve(NOTIFY_PATHS[provider], NotificationEndpoint(
+            provider, path, config, checks_for(path, config), publisher, topology.notifications_exchange, inflight))
     aps = settings.provider("aps")
-    consultation = UnbindingConsultation("aps", CONSULT_UNBINDING_PATH, aps,
-                                         checks_for(CONSULT_UNBINDING_PATH, aps), policy)
-    app.router.add_route("*", CONSULT_UNBINDING_PATH, consultation.handle)
+    consult_path = signed_path(CONSULT_UNBINDING_PATH, prefix)
+    serve(CONSULT_UNBINDING_PATH, UnbindingConsultation("aps", consult_path, aps, checks_for(consult_path, aps), policy))
     ready_publisher = publisher
     add_health_routes(app, lambda: ready_publisher.ready, not_ready="broker unavailable")
 

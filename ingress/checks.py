@@ -12,7 +12,10 @@ In this order, a request that fails one is answered (:mod:`authnotify.ingress.an
 6. the body, read as it arrives: at most 64 KiB (413), all of it within ``AUTHNOTIFY_INGRESS_BODY_TIMEOUT``
    (else 408 U, and the connection is closed), each chunk counted against the process-wide
    :class:`BodyBudget` (503 U when it is spent);
-7. the signature over ``POST <path>\\n<Client-Id>.<Request-Time>.<body>``, else 401 ``INVALID_SIGNATURE``.
+7. the signature over ``POST <path>\\n<Client-Id>.<Request-Time>.<body>``, else 401 ``INVALID_SIGNATURE``;
+   ``<path>`` is the path Alipay calls (``AUTHNOTIFY_NOTIFY_PATH_PREFIX`` in front of the notify path), whatever
+   path the request reached us at. The log line of a refusal names the key version, path and client id tried
+   and the first part that fails (never the signature or the body).
 
 The headers are checked before the body is read, so a request that cannot be accepted costs no buffering.
 """
@@ -23,10 +26,17 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from authnotify.alipay.signature import request_time_in_window, verify_signature_header
+from authnotify.alipay.signature import (
+    SignatureHeaderError,
+    parse_signature_header,
+    request_time_in_window,
+    verify_signature_header,
+)
+from authnotify.alipay.verification import explain_notification_signature
 from authnotify.config import ProviderConfig
 from authnotify.ingress.answers import (
     BODY_TIMEOUT,
@@ -48,13 +58,14 @@ BODY_EVICTION_AGE_SECONDS = 1.0
 
 
 class Refused(Exception):
-    """The request fails a check: answer ``outcome``; ``reason`` goes to the log line only."""
+    """The request fails a check: answer ``outcome``; ``reason`` and ``fields`` go to the log line only."""
 
-    def __init__(self, outcome: Outcome, reason: str, *, close_connection: bool = False) -> None:
+    def __init__(self, outcome: Outcome, reason: str, *, close_connection: bool = False, **fields: Any) -> None:
         super().__init__(reason)
         self.outcome = outcome
         self.reason = reason
         self.close_connection = close_connection
+        self.fields = fields
 
 
 class BodyHold:
@@ -167,8 +178,18 @@ class CheckedRequest:
     request_time: str
 
 
+def _key_version(signature_header: str | None) -> str | None:
+    try:
+        return parse_signature_header(signature_header).key_version if signature_header else None
+    except SignatureHeaderError:
+        return None
+
+
 class RequestChecks:
-    """The pipeline for one provider's path; ``verify`` returns the checked request or raises :class:`Refused`."""
+    """The pipeline for one provider's path; ``verify`` returns the checked request or raises :class:`Refused`.
+
+    ``path`` is the path signatures are verified over: the one Alipay calls (:func:`~authnotify.alipay.
+    notifications.signed_path`)."""
 
     def __init__(self, path: str, config: ProviderConfig, budget: BodyBudget, *, body_timeout: float,
                  request_time_tolerance: float, clock: Callable[[], float] = time.time) -> None:
@@ -199,9 +220,21 @@ class RequestChecks:
             raise Refused(INVALID_SIGNATURE, "Request-Time unreadable or outside the accepted window")
 
         body = await read_body(request, self._budget, self._body_timeout)
+        signature = headers.get("Signature")
         if not verify_signature_header(
-            self._config.alipay_public_keys, headers.get("Signature"), method="POST", path=self.path,
+            self._config.alipay_public_keys, signature, method="POST", path=self.path,
             client_id=client_id, time=request_time, body=body,
         ):
-            raise Refused(INVALID_SIGNATURE, "signature does not verify")
+            raise self._signature_refused(request, body)
         return CheckedRequest(body, client_id, request_time)
+
+    def _signature_refused(self, request: web.BaseRequest, body: bytes) -> Refused:
+        """The refusal of a signature that does not verify, saying for the log which key version, path and
+        client id were tried and which part fails (a path that does verify: the prefix setting is wrong)."""
+        verdict = explain_notification_signature(
+            keys=self._config.alipay_public_keys, client_id=self._config.client_id, path=self.path,
+            headers=request.headers, body=body, tolerance_seconds=self._tolerance, other_paths=(request.path,),
+            now=self._clock())
+        return Refused(INVALID_SIGNATURE, f"signature does not verify: {verdict.line()}",
+                       key_version=_key_version(request.headers.get("Signature")), signed_path=self.path,
+                       client_id=self._config.client_id)

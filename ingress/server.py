@@ -12,7 +12,7 @@ import resource
 
 from aiohttp import web
 
-from authnotify.alipay.notifications import NOTIFY_PATHS
+from authnotify.alipay.notifications import NOTIFY_PATHS, signed_path
 from authnotify.config import Need, Settings, check_needs
 from authnotify.errors import EXIT_OK, CommandError
 from authnotify.ingress.app import INFLIGHT_KEY, create_app
@@ -83,7 +83,8 @@ async def run_ingress(settings: Settings) -> int:
         gc.collect()
         gc.freeze()
         log.info("ingress_listening", host=settings.http_host, port=settings.http_port, providers=enabled,
-                 paths=[NOTIFY_PATHS[name] for name in enabled], metrics_port=settings.metrics_port or None,
+                 paths=[signed_path(NOTIFY_PATHS[name], settings.notify_path_prefix) for name in enabled],
+                 metrics_port=settings.metrics_port or None,
                  open_files=open_files)
         await lifecycle.run_until_stopped()
     log.info("ingress_stopped")

@@ -104,12 +104,15 @@ def _generated(kind: str, spec: dict[str, Any], directory: Path) -> dict[str, An
     for entry in spec.get("files", []):
         key, _, source = entry.rpartition("=")
         data[key or Path(source).name] = (directory / source).read_text()
-    unknown = set(spec) - {"name", "namespace", "behavior", "literals", "envs", "files", "type"}
-    if unknown:
-        raise KustomizeError(f"{directory}: generator {spec['name']}: unsupported {sorted(unknown)}")
+    unknown = set(spec) - {"name", "namespace", "behavior", "literals", "envs", "files", "type", "options"}
+    if unknown or set(spec.get("options", {})) - {"labels", "annotations"}:
+        raise KustomizeError(f"{directory}: generator {spec['name']}: unsupported {sorted(unknown) or spec['options']}")
     obj: dict[str, Any] = {"apiVersion": "v1", "kind": kind, "metadata": {"name": spec["name"]}}
     if "namespace" in spec:
         obj["metadata"]["namespace"] = spec["namespace"]
+    for part in ("labels", "annotations"):
+        if part in spec.get("options", {}):
+            obj["metadata"][part] = dict(spec["options"][part])
     if kind == "Secret":
         obj["type"] = spec.get("type", "Opaque")
         obj["stringData"] = data
@@ -392,6 +395,29 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                 "labels": {"type": "object", "additionalProperties": {"type": "string"}},
                                 "annotations": {"type": "object",
                                                 "additionalProperties": {"type": "string"}}}}}}}}}}}},
+    # The Prometheus Operator's ServiceMonitor (monitoring.coreos.com/v1).
+    "ServiceMonitor": _crd("monitoring.coreos.com/v1", "ServiceMonitor", {
+        "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+        "properties": {
+            "selector": {"type": "object", "required": ["matchLabels"], "additionalProperties": False,
+                         "properties": {"matchLabels": {"type": "object", "minProperties": 1,
+                                                        "additionalProperties": {"type": "string"}}}},
+            "namespaceSelector": {"type": "object", "additionalProperties": False,
+                                  "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}}},
+            "endpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["port"], "additionalProperties": False,
+                "properties": {
+                    "port": {"type": "string"},
+                    "path": {"type": "string", "pattern": "^/"},
+                    "interval": {"type": "string", "pattern": r"^[0-9]+(s|m)$"},
+                    "scrapeTimeout": {"type": "string", "pattern": r"^[0-9]+(s|m)$"},
+                    "relabelings": {"type": "array", "items": {
+                        "type": "object", "additionalProperties": False, "required": ["targetLabel"],
+                        "properties": {"sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                       "targetLabel": {"type": "string"},
+                                       "action": {"enum": ["replace", "keep", "drop", "labelmap"]},
+                                       "regex": {"type": "string", "format": "regex"},
+                                       "replacement": {"type": "string"}}}}}}}}}),
     "TriggerAuthentication": _crd("keda.sh/v1alpha1", "TriggerAuthentication", {
         "type": "object", "required": ["secretTargetRef"], "additionalProperties": False,
         "properties": {"secretTargetRef": {"type": "array", "minItems": 1, "items": {
@@ -1011,7 +1037,8 @@ def _workloads(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
 
 
 def _egress(objects: list[dict[str, Any]], labels: dict[str, str]) -> list[tuple[str, tuple[int, ...]]]:
-    """Where pods with these labels may connect: ("pods:<name label>" | "cidr:<block>" | "dns", ports)."""
+    """Where pods with these labels may connect: ("pods:<name label>" | "cidr:<block>" | "dns" |
+    "namespace:<name>", ports)."""
     allowed = []
     for policy in by_kind(objects, "NetworkPolicy").values():
         if "Egress" not in policy["spec"].get("policyTypes", []) or not _selects(policy["spec"]["podSelector"], labels):
@@ -1026,6 +1053,9 @@ def _egress(objects: list[dict[str, Any]], labels: dict[str, str]) -> list[tuple
                 elif "podSelector" in peer:
                     name = peer["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name", "any")
                     allowed.append((f"pods:{name}", ports))
+                elif "namespaceSelector" in peer:
+                    name = peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name", "any")
+                    allowed.append((f"namespace:{name}", ports))
                 else:
                     allowed.append(("anywhere", ports))
     return allowed
@@ -1045,7 +1075,11 @@ def test_network_policies_deny_by_default_and_open_only_what_each_workload_uses(
                if p["metadata"]["name"] not in ("authnotify-default-deny", "authnotify-dns")
                and _selects(p["spec"]["podSelector"], labels)]
         assert own, f"no NetworkPolicy lets {name} do anything"
-        targets = {target for target, _ in _egress(objects, labels)} - {"dns"}
+        egress = _egress(objects, labels)
+        if labels.get("app.kubernetes.io/name") == "authnotify":  # traces go to the collector, OTLP only
+            assert ("namespace:monitoring", (4317, 4318)) in egress, name
+        assert {ports for target, ports in egress if target.startswith("namespace:")} <= {(4317, 4318)}, name
+        targets = {target for target, _ in egress} - {"dns", "namespace:monitoring"}
         component = labels.get("app.kubernetes.io/component", "")
         database = {"cidr:10.20.30.0/24"} if managed else {postgres}
         internet = "cidr:0.0.0.0/0"
@@ -1154,6 +1188,47 @@ def test_alerts_watch_unrouted_and_the_dead_letter_queues(base: list[dict[str, A
     assert "prometheus.return_per_object_metrics = true" in cluster["spec"]["rabbitmq"]["additionalConfig"]
 
 
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.mark.parametrize("overlay", ["base", "production"])
+def test_every_process_s_metrics_port_is_scraped_by_a_service_monitor(overlay: str,
+                                                                      request: pytest.FixtureRequest) -> None:
+    objects = request.getfixturevalue(overlay)
+    services = by_kind(objects, "Service")
+    monitors = by_kind(objects, "ServiceMonitor")
+    scraped: dict[str, set[int]] = {}  # Deployment name -> container ports scraped
+    for monitor in monitors.values():
+        selected = [s for s in services.values() if _matches(monitor["spec"]["selector"]["matchLabels"],
+                                                            s["metadata"].get("labels", {}))]
+        if monitor["metadata"]["name"] == "authnotify-rabbitmq":
+            assert not selected  # the cluster operator's Service, not one of these manifests
+            assert monitor["spec"]["endpoints"][0]["port"] == "prometheus"
+            continue
+        assert len(selected) == 1, f"{monitor['metadata']['name']} selects {[s['metadata']['name'] for s in selected]}"
+        (service,) = selected
+        for endpoint in monitor["spec"]["endpoints"]:
+            (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+            assert endpoint["path"] == "/metrics"
+            for deployment in by_kind(objects, "Deployment").values():
+                template = deployment["spec"]["template"]
+                if not _matches(service["spec"]["selector"], template["metadata"]["labels"]):
+                    continue
+                for container in template["spec"]["containers"]:
+                    for container_port in container.get("ports", []):
+                        if container_port["name"] == port["targetPort"]:
+                            scraped.setdefault(deployment["metadata"]["name"], set()).add(container_port["containerPort"])
+    expected = {"authnotify-ingress": {9091}, "authnotify-scheduler": {9090}, "authnotify-api": {8088}}
+    expected |= {f"authnotify-worker-{name}": {9090} for name in
+                 ("authcode-created", "token-created", "token-canceled", "token-refresh", "revocations", "merchant-events")}
+    assert scraped == expected
+    # The scrape Services are headless and never the ingress's public one.
+    for name in ("authnotify-ingress-metrics", "authnotify-workers-metrics", "authnotify-scheduler-metrics"):
+        assert services[name]["spec"]["clusterIP"] == "None"
+    assert [p["targetPort"] for p in services["authnotify-ingress"]["spec"]["ports"]] == ["http"]
+
+
 @pytest.mark.parametrize("overlay", ["base", "production"])
 def test_images_are_pinned_by_digest(overlay: str, request: pytest.FixtureRequest) -> None:
     objects = request.getfixturevalue(overlay)
@@ -1185,6 +1260,7 @@ def test_the_image_installs_the_locked_dependencies_hash_checked_and_nothing_els
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     wanted = [Requirement(text) for text in project["project"]["dependencies"]]
     wanted += [Requirement(text) for text in project["build-system"]["requires"]]
+    wanted += [Requirement(text) for text in project["project"]["optional-dependencies"]["otel"]]  # tracing, in the image
     for requirement in wanted:
         version = pinned.get(canonicalize_name(requirement.name))
         assert version is not None, f"{requirement.name} is not in deploy/requirements.lock (run make lock)"

@@ -285,3 +285,89 @@ def test_idle_keep_alive_closes_after_75_seconds_and_the_open_file_limit_is_rais
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- AUTHNOTIFY_NOTIFY_PATH_PREFIX: a proxy in front adds a prefix to the paths Alipay calls ----------------
+
+
+def log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+
+
+@PROVIDERS
+async def test_with_a_path_prefix_both_paths_are_served_and_verified_and_answered_over_the_prefixed_one(
+    case: ProviderCase, offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
+) -> None:
+    """Alipay calls and signs /alipay<notify path>; the proxy may pass it on as it is or strip the prefix."""
+    prefixed = "/alipay" + case.path
+    publisher = InMemoryPublisher()
+    body = token_created("prefixed")
+    async with ingress_on_memory(offline_settings(notify_path_prefix="/alipay"), publisher) as ingress:
+        for reached in (case.path, prefixed):  # stripped by the proxy, passed through
+            headers = notification_headers(keys.alipay.private_key, case, body, signed_path=prefixed)
+            async with http.post(ingress.url + reached, data=body, headers=headers) as response:
+                answer = await response.read()
+                assert (response.status, answer) == (200, SUCCESS_BODY), reached
+                assert answer_signature_verifies(keys.ours.private_key.public_key(), prefixed, response.headers, answer)
+        # Signed over the plain path: not what Alipay calls when the prefix is right, so refused.
+        plain = notification_headers(keys.alipay.private_key, case, body)
+        async with http.post(ingress.url + case.path, data=body, headers=plain) as response:
+            assert response.status == 401
+    assert len(publisher.published) == 2
+
+
+async def test_without_a_prefix_the_prefixed_path_does_not_exist(
+    offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
+) -> None:
+    case = PROVIDER_CASES[0]
+    body = token_created()
+    async with ingress_on_memory(offline_settings(), InMemoryPublisher()) as ingress:
+        headers = notification_headers(keys.alipay.private_key, case, body, signed_path="/alipay" + case.path)
+        async with http.post(ingress.url + "/alipay" + case.path, data=body, headers=headers) as response:
+            assert response.status == 404
+
+
+async def test_consult_unbinding_follows_the_prefix_too(
+    offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys,
+) -> None:
+    from authnotify.alipay.notifications import CONSULT_UNBINDING_PATH
+
+    consult = ProviderCase("aps consultUnbinding", CONSULT_UNBINDING_PATH, PROVIDER_CASES[1].client_id, "0")
+    body = orjson.dumps({"authClientId": "C-1", "referenceMerchantId": "M-1", "accessToken": "AT-consulted"})
+    async with ingress_on_memory(offline_settings(notify_path_prefix="/edge/alipay"), InMemoryPublisher()) as ingress:
+        for reached in (CONSULT_UNBINDING_PATH, "/edge/alipay" + CONSULT_UNBINDING_PATH):
+            headers = notification_headers(keys.alipay.private_key, consult, body,
+                                           signed_path="/edge/alipay" + CONSULT_UNBINDING_PATH)
+            async with http.post(ingress.url + reached, data=body, headers=headers) as response:
+                answer = orjson.loads(await response.read())
+                assert (response.status, answer["allowUnbinding"]) == (200, "true"), reached
+
+
+async def test_a_refused_signature_logs_the_key_version_path_and_client_id_tried_never_the_signature_or_body(
+    offline_settings: Callable[..., Settings], http: aiohttp.ClientSession, keys: Keys, json_logs: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    case = PROVIDER_CASES[0]
+    body = orjson.dumps({"authorizationNotifyType": "AUTHCODE_CREATED", "authCode": "CODE-NEVER-LOGGED-4711"})
+    capsys.readouterr()
+    async with ingress_on_memory(offline_settings(notify_path_prefix="/alipay"), InMemoryPublisher()) as ingress:
+        # The prefix is configured, but Alipay was given the plain URL and signed its path.
+        plain = notification_headers(keys.alipay.private_key, case, body, key_version="3")
+        async with http.post(ingress.url + case.path, data=body, headers=plain) as response:
+            assert response.status == 401
+        # Signed by another key over the right path.
+        other = notification_headers(keys.ours.private_key, case, body, signed_path="/alipay" + case.path)
+        async with http.post(ingress.url + case.path, data=body, headers=other) as response:
+            assert response.status == 401
+    refused = [line for line in log_lines(capsys) if line.get("outcome") == "INVALID_SIGNATURE"]
+    assert len(refused) == 2
+    wrong_path, wrong_key = refused
+    for line in refused:
+        assert line["signed_path"] == "/alipay" + case.path and line["client_id"] == case.client_id
+    assert wrong_path["key_version"] == "3" and wrong_key["key_version"] == case.key_version
+    assert wrong_path["reason"].startswith("signature does not verify: path: the signature verifies over "
+                                           f"{case.path}, but the ingress verifies over /alipay{case.path}")
+    assert wrong_key["reason"].startswith("signature does not verify: signature over the body: ")
+    text = orjson.dumps(refused).decode()
+    signatures = [h["Signature"].rpartition("signature=")[2] for h in (plain, other)]
+    assert "CODE-NEVER-LOGGED-4711" not in text and not any(s in text for s in signatures)

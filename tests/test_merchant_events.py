@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -30,7 +32,8 @@ from authnotify.messaging import headers as h
 from authnotify.messaging.consumer import MessageContext
 from authnotify.messaging.topology import Consumer, build_topology
 from authnotify.workers import merchant_events
-from authnotify.workers.merchant_events import handle_merchant_event, signed_headers
+from authnotify.workers.merchant_circuit import CircuitOpen, MerchantCircuits
+from authnotify.workers.merchant_events import handle_merchant_event, merchant_circuits_from_settings, signed_headers
 from authnotify.workers.resources import Resources
 from tests.events_harness import declare, eventually, metric, publish_event, running_workers, take_all, take_messages
 
@@ -359,7 +362,7 @@ async def test_events_filter_drops_other_types_and_acknowledges_them(
     activated = event_for(merchant="M-1", event_type="authorization.activated")
     canceled = event_for(merchant="M-1", event_type="authorization.canceled")
     ok_before = metric(PROCESSED, queue="merchant-events", outcome="ok")
-    filtered_before = metric(DELIVERIES, outcome="filtered")
+    filtered_before = metric(DELIVERIES, merchant="M-1", outcome="filtered")
     async with running_workers(settings, "merchant-events"):
         await publish_event(channel, settings, activated)
         await publish_event(channel, settings, canceled)
@@ -370,7 +373,7 @@ async def test_events_filter_drops_other_types_and_acknowledges_them(
         await eventually(both_acked, what="both events acknowledged")
     assert [r.webhook_id for r in merchant.endpoint.delivered] == [canceled.id]
     assert default.endpoint.requests == []  # a filtered event does not fall through to the default
-    assert metric(DELIVERIES, outcome="filtered") - filtered_before == 1
+    assert metric(DELIVERIES, merchant="M-1", outcome="filtered") - filtered_before == 1
     topology = build_topology(settings)
     assert await take_all(channel, topology.dead_letter_queue(Consumer.MERCHANT_EVENTS)) == []
 
@@ -472,3 +475,238 @@ def test_an_entry_with_an_events_filter_keeps_its_secrets() -> None:
     secret = generate_secret()
     registry = parse_merchant_registry(toml_entry("M-1", "https://x.example", secret, ["authorization.canceled"]))
     assert registry.entries["M-1"].secrets == (secret,)
+
+
+# --- the merchant circuit ----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fail_once(circuits: MerchantCircuits, merchant: str, reason: str = "merchant answered HTTP 503") -> None:
+    with pytest.raises(TransientError), circuits.attempt(merchant):
+        raise TransientError(reason)
+
+
+def circuit_gauge(merchant: str) -> float:
+    return metric("authnotify_merchant_circuit_open", merchant=merchant)
+
+
+def test_the_circuit_opens_after_n_consecutive_failures_and_holds_the_merchant_back_without_attempting() -> None:
+    merchant, other = f"M-{uuid.uuid4().hex[:6]}", f"M-{uuid.uuid4().hex[:6]}"
+    clock = Clock()
+    circuits = MerchantCircuits(3, probe_interval=5.0, clock=clock)
+    fail_once(circuits, merchant)
+    fail_once(circuits, merchant)
+    with circuits.attempt(merchant):  # a success in between starts the count again
+        pass
+    fail_once(circuits, merchant)
+    fail_once(circuits, merchant)
+    assert not circuits.is_open(merchant)
+    fail_once(circuits, merchant, "merchant did not answer within 15 s")
+    assert circuits.is_open(merchant) and circuit_gauge(merchant) == 1
+
+    attempted = []
+    with pytest.raises(CircuitOpen) as refused, circuits.attempt(merchant):
+        attempted.append(merchant)
+    assert attempted == []  # not attempted at all
+    assert isinstance(refused.value, TransientError)  # so it is retried after its delay, like any failure
+    assert str(refused.value) == (f"merchant {merchant!r} not attempted: its circuit is open after 3 consecutive "
+                                  "failed deliveries (last: merchant did not answer within 15 s)")
+    with circuits.attempt(other):  # every other merchant is let through as before
+        attempted.append(other)
+    assert attempted == [other] and circuit_gauge(other) == 0
+
+
+def test_an_open_circuit_lets_one_probe_through_per_interval_and_one_success_closes_it() -> None:
+    merchant = f"M-{uuid.uuid4().hex[:6]}"
+    clock = Clock()
+    circuits = MerchantCircuits(2, probe_interval=5.0, clock=clock)
+    fail_once(circuits, merchant)
+    fail_once(circuits, merchant)
+    clock.now += 4.9
+    with pytest.raises(CircuitOpen), circuits.attempt(merchant):
+        pass
+    clock.now += 0.1
+    with pytest.raises(TransientError), circuits.attempt(merchant):  # the probe goes through...
+        with pytest.raises(CircuitOpen), circuits.attempt(merchant):  # ...alone: one in flight at a time
+            pass
+        raise TransientError("merchant answered HTTP 502")  # ...and fails: open for another interval
+    assert circuits.is_open(merchant)
+    clock.now += 4.9
+    with pytest.raises(CircuitOpen, match="after 3 consecutive failed deliveries .last: merchant answered HTTP 502"):
+        with circuits.attempt(merchant):
+            pass
+    clock.now += 0.1
+    with circuits.attempt(merchant):  # the next probe succeeds: closed
+        pass
+    assert not circuits.is_open(merchant) and circuit_gauge(merchant) == 0
+    for _ in range(3):
+        with circuits.attempt(merchant):
+            pass
+
+
+def test_a_cancelled_probe_counts_as_neither_and_frees_the_probe_slot() -> None:
+    import asyncio
+
+    merchant = f"M-{uuid.uuid4().hex[:6]}"
+    clock = Clock()
+    circuits = MerchantCircuits(1, probe_interval=1.0, clock=clock)
+    fail_once(circuits, merchant)
+    clock.now += 1.0
+    with pytest.raises(asyncio.CancelledError), circuits.attempt(merchant):
+        raise asyncio.CancelledError
+    assert circuits.is_open(merchant)
+    with circuits.attempt(merchant):  # the slot is free again, and the interval was not restarted
+        pass
+    assert not circuits.is_open(merchant)
+
+
+def test_zero_failures_turns_the_circuit_off() -> None:
+    merchant = f"M-{uuid.uuid4().hex[:6]}"
+    circuits = MerchantCircuits(0, probe_interval=1.0)
+    for _ in range(50):
+        fail_once(circuits, merchant)
+    assert not circuits.is_open(merchant)
+
+
+def test_the_probe_interval_is_the_shortest_merchant_events_delay(offline_settings: Callable[..., Settings]) -> None:
+    circuits = merchant_circuits_from_settings(offline_settings(retry_delays_merchant_events="30s,2s,1m"))
+    assert (circuits.failures_to_open, circuits.probe_interval) == (5, 2.0)
+    default = merchant_circuits_from_settings(offline_settings(retry_delays=None, merchant_circuit_failures=7))
+    assert (default.failures_to_open, default.probe_interval) == (7, 5.0)
+
+
+async def test_the_handler_does_not_call_a_merchant_whose_circuit_is_open_and_counts_it(
+    endpoints: Callable[..., Any],
+) -> None:
+    running = await endpoints()
+    name = f"M-{uuid.uuid4().hex[:6]}"
+    registry = parse_merchant_registry(toml_entry(name, running.url_for(), running.endpoint.secret))
+    circuits = MerchantCircuits(2, probe_interval=60.0)
+    running.endpoint.fail(2, status=503)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            with pytest.raises(TransientError, match="answered HTTP 503"):
+                await handle_merchant_event(event_for(merchant=name), context(), registry=registry, http=http,
+                                            circuits=circuits)
+        with pytest.raises(CircuitOpen):
+            await handle_merchant_event(event_for(merchant=name), context(), registry=registry, http=http,
+                                        circuits=circuits)
+    assert len(running.endpoint.requests) == 2
+    assert metric(DELIVERIES, merchant=name, outcome="failed") == 2
+    assert metric(DELIVERIES, merchant=name, outcome="circuit_open") == 1
+    assert metric("authnotify_merchant_delivery_seconds_count", merchant=name) == 2
+
+
+class HangingMerchant:
+    """A merchant endpoint that is down the slow way: it takes every request and answers nothing until it
+    is brought back (then 204, verified). Records each request as it arrives."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        self.secret = generate_secret()
+        self.arrivals: list[str] = []  # webhook ids, in the order requests arrived
+        self.delivered: list[str] = []
+        self.back = asyncio.Event()
+        self._app = web.Application()
+        self._app.router.add_post("/hooks", self._handle)
+        self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=1)
+        self.url = ""
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.read()
+        Webhook(self.secret).verify(body, dict(request.headers))
+        self.arrivals.append(request.headers["webhook-id"])
+        try:
+            await asyncio.wait_for(self.back.wait(), 30)
+        except TimeoutError:
+            return web.Response(status=503)
+        if request.transport is None or request.transport.is_closing():
+            return web.Response(status=503)  # arrived while down: the sender has given up on it
+        self.delivered.append(request.headers["webhook-id"])
+        return web.Response(status=204)
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/hooks"
+
+    async def stop(self) -> None:
+        self.back.set()
+        await self._runner.cleanup()
+
+
+@pytest.mark.slow
+async def test_a_merchant_that_is_down_holds_up_no_other_and_gets_its_events_once_it_is_back(
+    make_settings: Callable[..., Settings], amqp_connection: aio_pika.abc.AbstractConnection,
+    endpoints: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One merchant's endpoint hangs (each delivery times out), the other answers: the other's events are
+    all delivered while the circuit holds the first one's back (a probe a second at most, not a slot per
+    event), and once the first one is back, every one of its events arrives, once."""
+    monkeypatch.setattr(merchant_events, "DELIVERY_TIMEOUT_SECONDS", 1.0)
+    down_name, up_name = f"M-DOWN-{uuid.uuid4().hex[:6]}", f"M-UP-{uuid.uuid4().hex[:6]}"
+    down = HangingMerchant()
+    await down.start()
+    up = await endpoints()
+    settings = make_settings(
+        merchants_file=write_registry(tmp_path, toml_entry(down_name, down.url, down.secret)
+                                      + toml_entry(up_name, up.url_for(), up.endpoint.secret)),
+        retry_delays_merchant_events=",".join(["1s"] * 30), merchant_circuit_failures=3,
+    )
+    channel = await amqp_connection.channel(publisher_confirms=True)
+    await declare(channel, settings)
+    first = [event_for(merchant=down_name) for _ in range(3)]
+    held = [event_for(merchant=down_name) for _ in range(30)]
+    flowing = [event_for(merchant=up_name) for _ in range(30)]
+    try:
+        async with running_workers(settings, "merchant-events"):
+            for event in first:  # three deliveries that time out: the circuit opens
+                await publish_event(channel, settings, event)
+
+            async def circuit_open() -> bool:
+                return circuit_gauge(down_name) == 1
+
+            await eventually(circuit_open, what="the down merchant's circuit to open")
+            assert sorted(down.arrivals) == sorted(e.id for e in first)
+
+            arrived_before, opened = len(down.arrivals), time.monotonic()
+            for down_event, up_event in zip(held, flowing, strict=True):
+                await publish_event(channel, settings, down_event)
+                await publish_event(channel, settings, up_event)
+            await up.endpoint.wait_for_delivered(len(flowing), timeout=20)
+            seconds_open = time.monotonic() - opened
+            # While open: a probe per interval (1 s here) at most, not one request (and one slot) per event.
+            probes = len(down.arrivals) - arrived_before
+            assert probes <= 1 + seconds_open / 1.0, (probes, seconds_open)
+            assert metric(DELIVERIES, merchant=down_name, outcome="circuit_open") >= len(held) - probes
+            assert circuit_gauge(down_name) == 1
+
+            down.back.set()  # the merchant is back: the next probe closes the circuit, the retries arrive
+
+            async def all_delivered() -> bool:
+                return set(down.delivered) == {e.id for e in first + held}
+
+            await eventually(all_delivered, timeout=30, what="the held events to reach the merchant once back")
+            async def circuit_closed() -> bool:
+                return circuit_gauge(down_name) == 0
+
+            await eventually(circuit_closed, what="the circuit to close")
+        assert sorted(r.webhook_id for r in up.endpoint.delivered) == sorted(e.id for e in flowing)  # each once
+        assert len(down.delivered) == len(first) + len(held)  # each once
+        topology = build_topology(settings)
+        assert await take_all(channel, topology.dead_letter_queue(Consumer.MERCHANT_EVENTS)) == []
+    finally:
+        await down.stop()

@@ -4,7 +4,8 @@ The ``webhook-id`` is the event's id, the same on every retry and replay, so the
 deduplicates on it; ``webhook-timestamp`` is the time of each attempt (verifiers refuse stale timestamps).
 A 2xx answer is delivered; any other answer, a timeout or a connection error is transient (retried, then
 dead-lettered); an event no registry entry and no default takes is dead-lettered at once. An entry whose
-``events`` filter leaves the type out means: not delivered, acknowledged, counted as ``filtered``.
+``events`` filter leaves the type out means: not delivered, acknowledged, counted as ``filtered``. A merchant
+whose deliveries keep failing has its events held back by its circuit (:mod:`authnotify.workers.merchant_circuit`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from datetime import UTC, datetime
 import aiohttp
 from pydantic import ValidationError
 
+from authnotify.config import Settings
 from authnotify.domain.events import MerchantEvent
 from authnotify.domain.merchants import Endpoint, MerchantRegistry, merchant_registry_from_settings
 from authnotify.errors import PermanentError, TransientError
 from authnotify.messaging.consumer import ConsumerSpec, MessageContext
 from authnotify.messaging.topology import Consumer
 from authnotify.observability.logging import annotate, get_logger
-from authnotify.observability.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS
+from authnotify.observability.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS, NO_MERCHANT
+from authnotify.workers.merchant_circuit import DEFAULT_PROBE_INTERVAL_SECONDS, CircuitOpen, MerchantCircuits
 from authnotify.workers.resources import Resources
 
 log = get_logger("authnotify.merchant_events")
@@ -69,29 +72,8 @@ def _no_endpoint_reason(event: MerchantEvent) -> str:
     )
 
 
-async def handle_merchant_event(
-    event: MerchantEvent,
-    context: MessageContext,
-    *,
-    registry: MerchantRegistry,
-    http: aiohttp.ClientSession,
-) -> None:
-    endpoint = registry.endpoint_for(event.data)
-    if endpoint is None:
-        MERCHANT_DELIVERIES.labels("no_endpoint").inc()
-        raise PermanentError(_no_endpoint_reason(event))
-    fields = {
-        "webhook_id": event.id,
-        "event_type": event.type,
-        "merchant": endpoint.name,
-        "fingerprint": event.data.accessTokenFingerprint,
-        "attempt": context.attempt,
-    }
-    if not endpoint.accepts(event.type):
-        MERCHANT_DELIVERIES.labels("filtered").inc()
-        annotate(delivery="filtered", **fields)
-        return
-
+async def post_event(endpoint: Endpoint, event: MerchantEvent, http: aiohttp.ClientSession) -> tuple[int, int]:
+    """One delivery attempt: the answer's status and the bytes of it read; :class:`TransientError` unless 2xx."""
     payload = event.to_json()
     headers = signed_headers(endpoint, event.id, payload)
     started = time.perf_counter()
@@ -107,20 +89,55 @@ async def handle_merchant_event(
             status = response.status
             answer_bytes = await read_at_most(response)
     except TimeoutError:
-        MERCHANT_DELIVERIES.labels("failed").inc()
+        MERCHANT_DELIVERIES.labels(endpoint.name, "failed").inc()
         raise TransientError(
             f"merchant {endpoint.name!r} did not answer within {DELIVERY_TIMEOUT_SECONDS:g} s"
         ) from None
     except aiohttp.ClientError as exc:
-        MERCHANT_DELIVERIES.labels("failed").inc()
+        MERCHANT_DELIVERIES.labels(endpoint.name, "failed").inc()
         raise TransientError(f"merchant {endpoint.name!r} unreachable ({type(exc).__name__})") from None
     finally:
-        MERCHANT_DELIVERY_SECONDS.observe(time.perf_counter() - started)
+        MERCHANT_DELIVERY_SECONDS.labels(endpoint.name).observe(time.perf_counter() - started)
 
     if not 200 <= status < 300:
-        MERCHANT_DELIVERIES.labels("failed").inc()
+        MERCHANT_DELIVERIES.labels(endpoint.name, "failed").inc()
         raise TransientError(f"merchant {endpoint.name!r} answered HTTP {status}")
-    MERCHANT_DELIVERIES.labels("delivered").inc()
+    MERCHANT_DELIVERIES.labels(endpoint.name, "delivered").inc()
+    return status, answer_bytes
+
+
+async def handle_merchant_event(
+    event: MerchantEvent,
+    context: MessageContext,
+    *,
+    registry: MerchantRegistry,
+    http: aiohttp.ClientSession,
+    circuits: MerchantCircuits | None = None,
+) -> None:
+    endpoint = registry.endpoint_for(event.data)
+    if endpoint is None:
+        MERCHANT_DELIVERIES.labels(NO_MERCHANT, "no_endpoint").inc()
+        raise PermanentError(_no_endpoint_reason(event))
+    fields = {
+        "webhook_id": event.id,
+        "event_type": event.type,
+        "merchant": endpoint.name,
+        "fingerprint": event.data.accessTokenFingerprint,
+        "attempt": context.attempt,
+    }
+    if not endpoint.accepts(event.type):
+        MERCHANT_DELIVERIES.labels(endpoint.name, "filtered").inc()
+        annotate(delivery="filtered", **fields)
+        return
+    if circuits is None:
+        status, answer_bytes = await post_event(endpoint, event, http)
+    else:
+        try:
+            with circuits.attempt(endpoint.name):
+                status, answer_bytes = await post_event(endpoint, event, http)
+        except CircuitOpen:
+            MERCHANT_DELIVERIES.labels(endpoint.name, "circuit_open").inc()
+            raise
     annotate(delivery="delivered", http_status=status, answer_bytes_read=answer_bytes, **fields)
 
 
@@ -133,12 +150,20 @@ def parse_merchant_event(body: bytes, context: MessageContext) -> MerchantEvent:
         raise PermanentError(f"not a merchant event: {location}: {first.get('msg', 'invalid')}") from None
 
 
+def merchant_circuits_from_settings(settings: Settings) -> MerchantCircuits:
+    """The process's circuits: a probe at most every shortest merchant-events retry delay."""
+    delays = settings.retry_delays_for(Consumer.MERCHANT_EVENTS.value)
+    return MerchantCircuits(settings.merchant_circuit_failures,
+                            min(delays, default=DEFAULT_PROBE_INTERVAL_SECONDS) or DEFAULT_PROBE_INTERVAL_SECONDS)
+
+
 async def consumer(resources: Resources) -> ConsumerSpec:
     # Validated before anything is consumed: a bad registry stops the start with one line.
     registry = merchant_registry_from_settings(resources.settings)
+    circuits = merchant_circuits_from_settings(resources.settings)
     http = await resources.http()
 
     async def handle(event: MerchantEvent, context: MessageContext) -> None:
-        await handle_merchant_event(event, context, registry=registry, http=http)
+        await handle_merchant_event(event, context, registry=registry, http=http, circuits=circuits)
 
     return ConsumerSpec(consumer=Consumer.MERCHANT_EVENTS, parse=parse_merchant_event, handle=handle)

@@ -8,6 +8,7 @@ import aiohttp
 
 from authnotify.alipay.client import APPLY_TOKEN_TIMEOUT_SECONDS, AlipayClient
 from authnotify.config import Settings
+from authnotify.observability.tracing import http_trace_configs
 from authnotify.store import AuthorizationStore, open_store
 
 # Long enough for a merchant delivery (15 s) and applyToken (5 s); each caller sets its own tighter timeout.
@@ -38,7 +39,9 @@ class Resources:
 
     async def http(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS))
+            # With tracing on, each call (applyToken, a merchant delivery) is a span of the message's trace.
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS),
+                                               trace_configs=http_trace_configs())
         return self._http
 
     async def aclose(self) -> None:

@@ -226,7 +226,11 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
     settings = settings_factory()
     check_needs(settings, command_needs(args))
     if command in ("ingress", "worker", "scheduler", "api"):
+        from authnotify.observability.tracing import configure_tracing
+
         configure_logging(settings.log_format, settings.log_level)
+        configure_tracing(endpoint=settings.tracing_endpoint(), protocol=settings.tracing_protocol(),
+                          service_name=f"authnotify-{command}")
     else:  # a one-shot command: its own warnings only, and one line when it fails (no library chatter)
         configure_logging(settings.log_format, max(LEVELS[settings.log_level], logging.WARNING),
                           library_level=logging.CRITICAL + 1)

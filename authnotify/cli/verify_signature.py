@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from authnotify.alipay.notifications import NOTIFY_PATHS
+from authnotify.alipay.notifications import NOTIFY_PATHS, signed_path
 from authnotify.alipay.verification import explain_notification_signature
 from authnotify.config import Settings
 from authnotify.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError
@@ -43,7 +43,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     headers = parse_header_lines(_read(args.headers, "headers").decode("utf-8", "surrogateescape"))
     body = _read(args.body, "body")
     plain = NOTIFY_PATHS[args.provider]
-    expected = settings.notify_path_prefix + plain
+    expected = signed_path(plain, settings.notify_path_prefix)
     candidates = [candidate for candidate in (args.path, plain, expected) if candidate]
     verdict = explain_notification_signature(
         keys=keys, client_id=client_id, path=expected, headers=headers, body=body,

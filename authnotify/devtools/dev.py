@@ -64,6 +64,7 @@ from authnotify.messaging.lifecycle import Lifecycle
 from authnotify.messaging.topology import CONSUMER_NAMES, build_topology
 from authnotify.observability.logging import configure_logging, get_logger
 from authnotify.observability.redaction import mask_url
+from authnotify.observability.tracing import configure_tracing
 from authnotify.scheduler.process import SchedulerLoop
 from authnotify.workers.process import Workers
 from authnotify.workers.registry import build_specs
@@ -228,6 +229,8 @@ async def run(args: argparse.Namespace) -> int:
         if not provisional.providers():
             raise CommandError("authnotify dev: no provider configured", EXIT_USAGE)
         configure_logging(provisional.log_format, provisional.log_level)
+        configure_tracing(endpoint=provisional.tracing_endpoint(), protocol=provisional.tracing_protocol(),
+                          service_name="authnotify-dev")
         log = get_logger("authnotify.dev")
         await check_broker(provisional)
 

@@ -25,6 +25,13 @@ NOTIFY_PATHS: dict[str, str] = {
 # Alipay+ asks the ACQP, synchronously, whether the merchant lets the user unbind from the wallet side.
 CONSULT_UNBINDING_PATH = "/aps/api/v1/authorizations/consultUnbinding"
 
+
+def signed_path(path: str, prefix: str = "") -> str:
+    """The path Alipay calls, and so signs, for one of ours: ``prefix`` (``AUTHNOTIFY_NOTIFY_PATH_PREFIX``,
+    what a proxy in front of the ingress adds, e.g. ``/alipay``) then the path. The ingress verifies and signs
+    over it whether or not the proxy strips the prefix before passing the request on."""
+    return prefix + path
+
 AUTHCODE_CREATED = "AUTHCODE_CREATED"
 TOKEN_CREATED = "TOKEN_CREATED"
 TOKEN_CANCELED = "TOKEN_CANCELED"

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from dotenv import dotenv_values
-from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, SecretStr, ValidationError
+from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, PrivateAttr, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from authnotify.config.keys import (
@@ -124,9 +124,20 @@ def _parse_token_keys(value: Any) -> TokenKeys | None:
     return TokenKeys(keys)
 
 
+def _blank_is_unset(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _otel(variable: str) -> Any:
+    """A field read from one of OpenTelemetry's own variables (not AUTHNOTIFY_*); blank means unset."""
+    return Field(default=None, validation_alias=AliasChoices(variable, variable.lower()))
+
+
 RetryDelays = Annotated[tuple[float, ...] | None, NoDecode, BeforeValidator(_parse_retry_delays)]
 Duration = Annotated[float, NoDecode, BeforeValidator(_parse_duration)]  # seconds; written 10s, 1m, 24h, 7d
 KeyValue = Annotated[Any, NoDecode, BeforeValidator(_key_text)]
+OptionalText = Annotated[str | None, BeforeValidator(_blank_is_unset)]
+OtlpProtocol = Annotated[Literal["grpc", "http/protobuf"] | None, BeforeValidator(_blank_is_unset)]
 TokenKeysValue = Annotated[Any, NoDecode, BeforeValidator(_parse_token_keys)]
 BrokerUrl = Annotated[SecretStr, _url_schemes("amqp", "amqps")]
 # postgresql:// means asyncpg, the one PostgreSQL driver (authnotify.store.engine reads it so).
@@ -201,6 +212,9 @@ class Settings(EnvironmentSettings):
     retry_delays_merchant_events: RetryDelays = None
     retry_delays_token_refresh: RetryDelays = None
     retry_delays_revocations: RetryDelays = None
+    # Consecutive failed deliveries to one merchant after which its events wait on their retry delays without
+    # being attempted (workers/merchant_circuit.py); 0 turns the circuit off.
+    merchant_circuit_failures: int = Field(default=5, ge=0)
     ingress_max_inflight: int = Field(default=1024, ge=1)
     request_time_tolerance: Duration = 26 * 3600.0  # Alipay retries for 24 hours
     ingress_body_timeout: Duration = 10.0
@@ -225,7 +239,22 @@ class Settings(EnvironmentSettings):
     # each queue's unacknowledged messages; unset: the broker's host on port 15692; "none": not asked.
     rabbitmq_metrics_urls: str | None = None
 
+    # Tracing (authnotify.observability.tracing), with the otel extra: on when an OTLP endpoint is set. These
+    # are OpenTelemetry's standard variables; the SDK itself reads the others (OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER,
+    # OTEL_EXPORTER_OTLP_HEADERS, ...).
+    otel_exporter_otlp_endpoint: OptionalText = _otel("OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_exporter_otlp_traces_endpoint: OptionalText = _otel("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    otel_exporter_otlp_protocol: OtlpProtocol = _otel("OTEL_EXPORTER_OTLP_PROTOCOL")
+    otel_exporter_otlp_traces_protocol: OtlpProtocol = _otel("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+
     _parsed_keys: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def tracing_endpoint(self) -> str | None:
+        """Where traces go (the traces endpoint, else the general one); None: tracing is off."""
+        return self.otel_exporter_otlp_traces_endpoint or self.otel_exporter_otlp_endpoint
+
+    def tracing_protocol(self) -> str | None:
+        return self.otel_exporter_otlp_traces_protocol or self.otel_exporter_otlp_protocol
 
     def retry_delays_for(self, consumer: str) -> tuple[float, ...]:
         """The consumer's own delays, else AUTHNOTIFY_RETRY_DELAYS, else the consumer's default."""
@@ -341,7 +370,8 @@ def _describe(error: ValidationError) -> str:
     message = str(first.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     if loc:
-        return f"{ENV_PREFIX}{str(loc[0]).upper()}: {message}"
+        name = str(loc[0]).upper()
+        return f"{name if name.startswith('OTEL_') else ENV_PREFIX + name}: {message}"
     return message
 
 
@@ -353,7 +383,8 @@ def known_variables() -> set[str]:
     """Every ``AUTHNOTIFY_*`` name some member of the settings family reads."""
     names: set[str] = set()
     for settings_class in (Settings, DevSettings, SimulateSettings):
-        names |= {f"{ENV_PREFIX}{field.upper()}" for field in settings_class.model_fields}
+        names |= {f"{ENV_PREFIX}{name.upper()}" for name, field in settings_class.model_fields.items()
+                  if field.validation_alias is None}
     return names
 
 

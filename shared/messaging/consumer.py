@@ -48,6 +48,7 @@ from authnotify.messaging.messages import (
 )
 from authnotify.messaging.publisher import Publisher
 from authnotify.messaging.topology import Consumer, Topology, event_routing_key
+from authnotify.observability import tracing
 from authnotify.observability.logging import get_logger, handling_body
 from authnotify.observability.metrics import BROKER_CONNECTED, MESSAGE_HANDLING_SECONDS, MESSAGES_PROCESSED
 from authnotify.observability.redaction import REDACTED, mask_secret_values
@@ -240,8 +241,12 @@ class DeliveryProcessor:
         context = message_context(spec.consumer, delivery)
         with structlog.contextvars.bound_contextvars(
             message_id=context.message_id, consumer=queue_label, attempt=context.attempt
-        ), handling_body(delivery.body):
+        ), handling_body(delivery.body), tracing.message_span(
+            queue_label, self.topology.namespace, delivery.headers, message_id=context.message_id,
+            provider=context.provider, notify_type=context.notify_type, attempt=context.attempt,
+        ):
             decision = await decide(spec, delivery.body, context, self.topology.max_attempts(spec.consumer))
+            tracing.record_outcome(decision.outcome.value, failed=decision.outcome is not Outcome.OK)
             try:
                 for follow_up in follow_ups(decision, delivery, context, self.topology):
                     await self.publisher.publish(follow_up.message, exchange=follow_up.exchange,
@@ -253,6 +258,7 @@ class DeliveryProcessor:
                 # Not acked: the broker gives the message back (now, or when the connection returns).
                 log.warning("message_requeued", outcome=decision.outcome.value, reason=decision.reason,
                             error=f"{type(exc).__name__}")
+                tracing.record_outcome("requeued", failed=True)
                 with contextlib.suppress(Exception):
                     await delivery.nack(requeue=True)
                 return None

@@ -4,6 +4,8 @@ retries, dead letters.
 A message is its body and its AMQP properties (persistent, JSON, an id, our headers), built straight as the
 properties aiormq writes: an ``aio_pika.Message`` costs more than the publish it describes on the hot path.
 A retry, a dead letter and a replay re-publish what was received, body and id unchanged, with new headers.
+A message built while a span is current carries the trace in its headers (``traceparent``; see
+:mod:`authnotify.observability.tracing`); a re-published one keeps the trace it had.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from aiormq import spec
 from authnotify.domain.commands import RefreshRequest, RevokeCommand
 from authnotify.domain.events import MerchantEvent
 from authnotify.messaging import headers as h
+from authnotify.observability.tracing import TRACING, inject_trace
 
 Properties = spec.Basic.Properties
 PERSISTENT = 2  # AMQP delivery mode: written to disk by the broker
@@ -60,25 +63,27 @@ class ReceivedMessage(Protocol):
 
 def notification_message(body: bytes, *, message_id: str, provider: str, notify_type: str) -> OutgoingMessage:
     """What the ingress publishes: Alipay's raw body, and who sent it when, in the headers."""
+    headers: dict[str, Any] = {h.PROVIDER: provider, h.NOTIFY_TYPE: notify_type, h.RECEIVED_AT: h.utc_now_iso(),
+                               h.ATTEMPT: 1}
+    if TRACING.enabled:
+        inject_trace(headers)
     return OutgoingMessage(body, Properties(
         message_id=message_id,
         content_type=h.JSON_CONTENT_TYPE,
         delivery_mode=PERSISTENT,
-        headers={
-            h.PROVIDER: provider,
-            h.NOTIFY_TYPE: notify_type,
-            h.RECEIVED_AT: h.utc_now_iso(),
-            h.ATTEMPT: 1,
-        },
+        headers=headers,
     ))
 
 
 def event_message(event: MerchantEvent) -> OutgoingMessage:
     """A merchant event for ``{ns}.merchant-events``: its JSON is the webhook body, its id the webhook-id."""
+    headers: dict[str, Any] = {h.PROVIDER: event.data.provider, h.NOTIFY_TYPE: event.type, h.ATTEMPT: 1}
+    if TRACING.enabled:
+        inject_trace(headers)
     return OutgoingMessage(event.to_json(), Properties(
         content_type=h.JSON_CONTENT_TYPE,
         delivery_mode=PERSISTENT,
-        headers={h.PROVIDER: event.data.provider, h.NOTIFY_TYPE: event.type, h.ATTEMPT: 1},
+        headers=headers,
         message_id=event.id,
     ))
 
@@ -86,10 +91,14 @@ def event_message(event: MerchantEvent) -> OutgoingMessage:
 def command_message(command: RefreshRequest | RevokeCommand, *, kind: str) -> OutgoingMessage:
     """A lifecycle command for its consumer queue; ``kind`` (the consumer's name) is what ``dlq list`` shows."""
     message_id = command.commandId if isinstance(command, RevokeCommand) else f"rfr_{secrets.token_urlsafe(16)}"
+    headers: dict[str, Any] = {h.PROVIDER: command.provider, h.NOTIFY_TYPE: kind, h.RECEIVED_AT: h.utc_now_iso(),
+                               h.ATTEMPT: 1}
+    if TRACING.enabled:
+        inject_trace(headers)
     return OutgoingMessage(command.to_json(), Properties(
         content_type=h.JSON_CONTENT_TYPE,
         delivery_mode=PERSISTENT,
-        headers={h.PROVIDER: command.provider, h.NOTIFY_TYPE: kind, h.RECEIVED_AT: h.utc_now_iso(), h.ATTEMPT: 1},
+        headers=headers,
         message_id=message_id,
     ))
 

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import structlog
 
+from authnotify.observability import tracing
 from authnotify.observability.redaction import (
     REDACTED,
     is_secret_field,
@@ -137,6 +138,7 @@ def configure_logging(log_format: str = "json", level: int | str = logging.INFO,
     renderer = _renderer(log_format)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        tracing.add_trace_id,
         structlog.processors.add_log_level,
         timestamper,
         redact_secrets,
@@ -175,3 +177,4 @@ def annotate(**fields: Any) -> None:
     message id, the outcome and what the handler found (a line costs ~0.1 ms of a worker's ~2 ms budget).
     """
     structlog.contextvars.bind_contextvars(**fields)
+    tracing.annotate_span(fields)  # its identifiers go on the message's span too

@@ -97,14 +97,23 @@ UNBINDING_CONSULTATIONS = Counter(
 API_REQUESTS = Counter(
     "authnotify_api_requests_total", "Internal API requests by route and HTTP status.", ["route", "status"],
 )
+# merchant: the merchant registry entry's name ("default" or a merchant id; a bounded set), NO_MERCHANT when none.
 MERCHANT_DELIVERIES = Counter(
     "authnotify_merchant_deliveries_total",
-    "Merchant webhook deliveries by outcome (delivered, failed, filtered, no_endpoint).",
-    ["outcome"],
+    "Merchant webhook deliveries by registry entry and outcome (delivered, failed, circuit_open: not attempted, "
+    "filtered, no_endpoint).",
+    ["merchant", "outcome"],
 )
 MERCHANT_DELIVERY_SECONDS = Histogram(
-    "authnotify_merchant_delivery_seconds", "Merchant webhook round trip."
+    "authnotify_merchant_delivery_seconds", "Merchant webhook round trip, by registry entry.", ["merchant"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
 )
+MERCHANT_CIRCUIT_OPEN = Gauge(
+    "authnotify_merchant_circuit_open",
+    "1 while this worker holds a merchant's events back after consecutive failed deliveries, else 0.",
+    ["merchant"],
+)
+NO_MERCHANT = "(none)"
 
 
 def render_metrics() -> tuple[bytes, str]:

@@ -26,6 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from authnotify.config.values import MAYBE_TLS_MODES, NO_TLS_MODES, TLS_MODES
 from authnotify.errors import StoreError
+from authnotify.observability.tracing import instrument_engine
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 POSTGRES_POOL_SIZE = 20
@@ -127,6 +128,7 @@ def create_engine(database_url: str, *, pooled: bool = True) -> AsyncEngine:
     if is_sqlite(url):
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        instrument_engine(engine)
         return engine
     if pooled:
         kwargs.update(pool_size=POSTGRES_POOL_SIZE, max_overflow=POSTGRES_MAX_OVERFLOW,
@@ -135,4 +137,6 @@ def create_engine(database_url: str, *, pooled: bool = True) -> AsyncEngine:
     connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": COMMAND_TIMEOUT_SECONDS}
     if target.tls is not None:
         connect_args["ssl"] = target.tls
-    return create_async_engine(target.url, connect_args=connect_args, **kwargs)
+    engine = create_async_engine(target.url, connect_args=connect_args, **kwargs)
+    instrument_engine(engine)  # with tracing on: a span per statement
+    return engine

@@ -21,6 +21,7 @@ import orjson
 
 from authnotify.domain.authorizations import STATUS_ACTIVE
 from authnotify.errors import StoreError
+from authnotify.observability.tracing import asyncpg_query_spans
 from authnotify.store.engine import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, PostgresTarget
 from authnotify.store.errors import describe
 from authnotify.store.schema import authorizations
@@ -99,7 +100,7 @@ class NewGrantInserter:
                 self._pool = await asyncpg.create_pool(
                     **self._target.asyncpg_arguments(), min_size=1, max_size=POOL_SIZE,
                     timeout=CONNECT_TIMEOUT_SECONDS, command_timeout=COMMAND_TIMEOUT_SECONDS,
-                    reset=_keep_session,
+                    reset=_keep_session, init=asyncpg_query_spans("INSERT authorizations"),
                 )
             return self._pool
 
