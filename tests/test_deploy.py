@@ -291,7 +291,9 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
         "management-url=https://authnotify-keda:pw@authnotify-rabbitmq.authnotify.svc:15671/\n")
     for name in ("ams-private-key", "ams-alipay-public-key", "aps-private-key", "aps-alipay-public-key"):
         (secrets / f"{name}.pem").write_text(f"stand-in {name}\n")
-    (secrets / "merchants.toml").write_text('[merchants.default]\nurl = "https://m.example/h"\n')
+    (secrets / "merchants.toml").write_text('[merchants.default]\nurl = "https://m.example/h"\n'
+                                            'secret = "@/run/secrets/authnotify-merchant-secrets/default"\n')
+    (secrets / "merchant-secrets.env").write_text("default=stand-in\n")
     (secrets / "api-keys.toml").write_text('[keys.billing]\nsha256 = "00"\nscopes = ["tokens:read"]\n')
     (secrets / "console-session-key").write_text("stand-in\n")
     return render(copy_root / "overlays" / "production")
@@ -668,6 +670,11 @@ def test_settings_secrets_and_key_files_are_wired(overlay: str, request: pytest.
                 assert value.startswith("@") and value[1:] in files, f"{where}: {name}={value}"
             if name == "AUTHNOTIFY_MERCHANTS_FILE":
                 assert value in files, where
+                # Its `@/path` secrets are files mounted where events are signed, and only there.
+                registry = next(secrets[volumes[m["name"]]["secret"]["secretName"]]["stringData"][value.rsplit("/", 1)[1]]
+                                for m in container["volumeMounts"] if value.startswith(m["mountPath"] + "/"))
+                for reference in re.findall(r'^secrets? = .*?"@([^"]+)"', registry, flags=re.MULTILINE):
+                    assert (reference in files) == (worker_name(container) == "merchant-events"), f"{where}: {reference}"
 
         args = container.get("args", [])
         if args in (["ingress"], ["topology"], ["scheduler"], ["api"]) or worker_name(container):
@@ -747,7 +754,8 @@ def test_each_workload_mounts_only_the_secrets_its_process_needs(overlay: str, r
     from authnotify.config import Need
 
     secret_of_need = {Need.DATABASE: {"authnotify-app"}, Need.TOKEN_KEYS: {"authnotify-app"},
-                      Need.ALIPAY_KEYS: {"authnotify-keys"}, Need.MERCHANTS_FILE: {"authnotify-merchants"},
+                      Need.ALIPAY_KEYS: {"authnotify-keys"},
+                      Need.MERCHANTS_FILE: {"authnotify-merchants", "authnotify-merchant-secrets"},
                       Need.UNBINDING_FLAGS: {"authnotify-merchants"}, Need.API_KEYS_FILE: {"authnotify-api-keys"}}
     objects = request.getfixturevalue(overlay)
     for obj, container in authnotify_containers(objects):
@@ -765,6 +773,8 @@ def test_each_workload_mounts_only_the_secrets_its_process_needs(overlay: str, r
             assert "authnotify-keys" in used, obj["metadata"]["name"]
         if Need.API_KEYS_FILE in needs:
             assert "authnotify-api-keys" in used, obj["metadata"]["name"]
+        if Need.MERCHANTS_FILE in needs:
+            assert "authnotify-merchant-secrets" in used, obj["metadata"]["name"]
     # Every process is covered: the ingress, each worker, the scheduler, the api, the Jobs.
     commands = {tuple(c.get("command", []) + c.get("args", [])) for _, c in authnotify_containers(objects)}
     assert commands >= {("ingress",), ("scheduler",), ("api",), *(("worker", w) for w in WORKER_TYPES)}
@@ -900,7 +910,7 @@ def test_compose_gives_each_container_only_what_its_process_needs(compose: dict[
         Need.ALIPAY_KEYS: {f"AUTHNOTIFY_{p}_{k}" for p in ("AMS", "APS") for k in ("PRIVATE_KEY", "ALIPAY_PUBLIC_KEY")},
     }
     secret_files = {Need.ALIPAY_KEYS: {"ams_private_key", "ams_alipay_public_key", "aps_private_key",
-                                       "aps_alipay_public_key"}, Need.MERCHANTS_FILE: {"merchants"},
+                                       "aps_alipay_public_key"}, Need.MERCHANTS_FILE: {"merchants", "merchant_secret_default"},
                     Need.UNBINDING_FLAGS: {"merchants"}, Need.API_KEYS_FILE: {"api_keys"}}
     secret_variables = set().union(*variables_of_need.values())
     for name, service in compose["services"].items():

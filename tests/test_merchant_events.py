@@ -26,6 +26,7 @@ from authnotify.domain.merchants import (
     load_merchant_registry,
     merchant_registry_from_settings,
     parse_merchant_registry,
+    unbinding_policy_from_settings,
 )
 from authnotify.errors import ConfigError, PermanentError, TransientError
 from authnotify.messaging import headers as h
@@ -148,6 +149,41 @@ def test_registry_takes_a_list_of_secrets_for_rotation_and_names_a_bad_one() -> 
         parse_merchant_registry(f'[merchants.default]\nurl = "https://x.example"\nsecret = "{new}"\nsecrets = ["{old}"]\n')
     with pytest.raises(ConfigError, match="secret is required"):
         parse_merchant_registry('[merchants.default]\nurl = "https://x.example"\nsecrets = []\n')
+
+
+def test_a_secret_may_be_read_from_a_file_where_events_are_signed_and_only_there(
+    tmp_path: Path, offline_settings: Callable[..., Settings]
+) -> None:
+    """The ingress reads the registry for allow_unbinding only: a secret given as @/path stays unread there,
+    so a deployment mounts the secret files into the merchant-events worker alone."""
+    secret, old = generate_secret(), generate_secret()
+    secret_file = tmp_path / "default.secret"
+    secret_file.write_text(f"{secret}\n")  # as `kubectl create secret` or an editor leaves it
+    registry_path = tmp_path / "merchants.toml"
+    registry_path.write_text(f'[merchants.default]\nurl = "https://x.example"\nsecrets = ["@{secret_file}", "{old}"]\n'
+                             f'[merchants."M-1"]\nurl = "https://m1.example"\nsecret = "@{tmp_path}/absent"\n'
+                             "allow_unbinding = false\n")
+    settings = offline_settings(merchants_file=str(registry_path))
+
+    # The ingress: the flags, without reading (or needing) any secret file.
+    policy = unbinding_policy_from_settings(settings)
+    assert policy.by_merchant == {"M-1": False} and policy.default is True
+
+    # The merchant-events worker: every referenced file must hold a valid secret; an unreadable one is named.
+    with pytest.raises(ConfigError) as caught:
+        merchant_registry_from_settings(settings)
+    assert str(caught.value) == (f"AUTHNOTIFY_MERCHANTS_FILE={registry_path}: [merchants.\"M-1\"] secret: "
+                                 f"cannot read {tmp_path}/absent (No such file or directory)")
+    registry_path.write_text(registry_path.read_text().replace(f"@{tmp_path}/absent", f"@{secret_file}"))
+    registry = merchant_registry_from_settings(settings)
+    assert registry.default is not None and registry.default.secrets == (secret, old)
+    assert registry.entries["M-1"].secrets == (secret,)
+
+    # A file holding something else is refused like an inline value, without showing what it holds.
+    secret_file.write_text("not-a-secret-but-private\n")
+    with pytest.raises(ConfigError, match=r"\[merchants.default\] secrets\[1\] must be whsec_") as caught:
+        merchant_registry_from_settings(settings)
+    assert "not-a-secret" not in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_every_listed_secret_signs_so_a_merchant_verifying_with_either_accepts() -> None:

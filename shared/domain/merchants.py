@@ -8,14 +8,19 @@
 
     [merchants."218823863726123456780"]  # matched against referenceMerchantId, then authClientId
     url = "https://other.example/hooks"
-    secrets = ["whsec_new...", "whsec_old..."]  # rotation: every listed secret signs, instead of `secret`
+    secrets = ["whsec_new...", "@/run/secrets/merchant-old"]  # rotation: every listed secret signs
+                                         # (instead of `secret`); "@file" reads the secret from a file
     events = ["authorization.canceled"]  # optional filter; default: every type
     allow_unbinding = false              # optional: refuse Alipay+'s consultUnbinding; default: allowed
 
 The file is validated once, at start; a bad file stops the process with one line naming
-AUTHNOTIFY_MERCHANTS_FILE and the entry (never a secret). An entry that matched an event is authoritative:
-when its ``events`` filter leaves the event's type out, the event is not delivered anywhere (it does not
-fall through to the default); the worker acknowledges it and counts it as filtered.
+AUTHNOTIFY_MERCHANTS_FILE and the entry (never a secret). A secret given as ``@/path`` is read from that file
+only where events are signed (the merchant-events worker): the ingress, which reads the registry for its
+``allow_unbinding`` flags, then holds no merchant secret, and the file need not be mounted there.
+
+An entry that matched an event is authoritative: when its ``events`` filter leaves the event's type out, the
+event is not delivered anywhere (it does not fall through to the default); the worker acknowledges it and
+counts it as filtered.
 """
 
 from __future__ import annotations
@@ -122,7 +127,28 @@ def _decode_secret(secret: str) -> bytes | None:
     return raw
 
 
-def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoint:
+def _check_secret(which: str, secret: Any, fail: Callable[[str], NoReturn], *, read_files: bool) -> str:
+    """The secret (``whsec_...``), read from its file when given as ``@/path`` and ``read_files``."""
+    if not isinstance(secret, str) or not secret.strip():
+        fail(f"{which} must be whsec_ followed by base64 of 24 to 64 random bytes, or @/path/to/a/file holding one")
+    secret = secret.strip()
+    if secret.startswith("@"):
+        if not read_files:
+            return secret  # a reference, left unread: this process signs nothing
+        path = Path(secret[1:]).expanduser()
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"{which}: cannot read {path} ({getattr(exc, 'strerror', None) or type(exc).__name__})")
+    raw = _decode_secret(secret)
+    if raw is None:
+        fail(f"{which} must be whsec_ followed by base64 of 24 to 64 random bytes")
+    if not SECRET_MIN_BYTES <= len(raw) <= SECRET_MAX_BYTES:
+        fail(f"{which} decodes to {len(raw)} bytes; it must be 24 to 64")
+    return secret
+
+
+def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn], *, read_secret_files: bool) -> Endpoint:
     if not isinstance(entry, dict):
         fail("must be a table with url and secret")
     unknown = sorted(set(entry) - _ENTRY_KEYS)
@@ -144,15 +170,11 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
     given_secrets = [entry["secret"]] if "secret" in entry else entry.get("secrets")
     if not isinstance(given_secrets, list) or not given_secrets:
         fail("secret is required (whsec_ followed by base64 of 24 to 64 random bytes), or secrets = [...]")
-    for position, secret in enumerate(given_secrets, start=1):
-        which = "secret" if "secret" in entry else f"secrets[{position}]"
-        if not isinstance(secret, str) or not secret:
-            fail(f"{which} must be whsec_ followed by base64 of 24 to 64 random bytes")
-        raw = _decode_secret(secret.strip())
-        if raw is None:
-            fail(f"{which} must be whsec_ followed by base64 of 24 to 64 random bytes")
-        if not SECRET_MIN_BYTES <= len(raw) <= SECRET_MAX_BYTES:
-            fail(f"{which} decodes to {len(raw)} bytes; it must be 24 to 64")
+    secrets = tuple(
+        _check_secret("secret" if "secret" in entry else f"secrets[{position}]", secret, fail,
+                      read_files=read_secret_files)
+        for position, secret in enumerate(given_secrets, start=1)
+    )
 
     events: frozenset[str] | None = None
     if "events" in entry:
@@ -166,12 +188,15 @@ def _endpoint(name: str, entry: Any, fail: Callable[[str], NoReturn]) -> Endpoin
     allow_unbinding = entry.get("allow_unbinding", True)
     if not isinstance(allow_unbinding, bool):
         fail("allow_unbinding must be true or false")
-    return Endpoint(name=name, url=url.strip(), secrets=tuple(secret.strip() for secret in given_secrets),
-                    events=events, allow_unbinding=allow_unbinding)
+    return Endpoint(name=name, url=url.strip(), secrets=secrets, events=events, allow_unbinding=allow_unbinding)
 
 
-def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE) -> MerchantRegistry:
-    """The registry of a TOML document; :class:`ConfigError` with one line naming ``source`` and the entry."""
+def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE, *,
+                            read_secret_files: bool = True) -> MerchantRegistry:
+    """The registry of a TOML document; :class:`ConfigError` with one line naming ``source`` and the entry.
+
+    ``read_secret_files=False``: ``@/path`` secrets stay unread references (for a process that signs nothing).
+    """
 
     try:
         document = tomllib.loads(text)
@@ -194,7 +219,7 @@ def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE) ->
 
         if not name.strip():
             fail("the merchant id must not be empty")
-        endpoint = _endpoint(name, entry, fail)
+        endpoint = _endpoint(name, entry, fail, read_secret_files=read_secret_files)
         if name == DEFAULT_ENTRY:
             default = endpoint
         else:
@@ -202,7 +227,7 @@ def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE) ->
     return MerchantRegistry(entries=entries, default=default)
 
 
-def load_merchant_registry(path: Path | str) -> MerchantRegistry:
+def load_merchant_registry(path: Path | str, *, read_secret_files: bool = True) -> MerchantRegistry:
     source = f"{MERCHANTS_FILE_VARIABLE}={path}"
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -212,7 +237,7 @@ def load_merchant_registry(path: Path | str) -> MerchantRegistry:
         raise ConfigError(f"{source}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    return parse_merchant_registry(text, source)
+    return parse_merchant_registry(text, source, read_secret_files=read_secret_files)
 
 
 def merchant_registry_from_settings(settings: Settings) -> MerchantRegistry:
@@ -228,7 +253,7 @@ def unbinding_policy_from_settings(settings: Settings) -> UnbindingPolicy:
     """What the ingress answers ``consultUnbinding`` from: the registry's flags, or allow-all without one."""
     if settings.merchants_file is None:
         return ALLOW_EVERY_UNBINDING
-    return load_merchant_registry(settings.merchants_file).unbinding_policy()
+    return load_merchant_registry(settings.merchants_file, read_secret_files=False).unbinding_policy()
 
 
 def generate_secret(size: int = 32) -> str:
