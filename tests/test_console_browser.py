@@ -287,6 +287,22 @@ async def test_an_operator_signs_in_searches_replays_a_dead_letter_and_revokes_i
     assert len(list(ARTIFACTS.glob("*.png"))) >= screens.count
 
 
+async def test_the_queues_page_refreshes_its_table_on_every_tick(stack: Stack, browser: Any) -> None:
+    """The table is re-fetched every 5 s and replaces the one on the page each time, not only the first."""
+    page = await browser.new_page()
+    await page.clock.install()  # the page's timers run when the test says, not after 5 s of waiting each
+    await page.goto(stack.url + "/sign-in")
+    await page.fill("#key", stack.keys["operator"].key)
+    await page.click("#sign-in")
+    await page.wait_for_url(stack.url + "/")
+    await page.goto(stack.url + "/queues")
+    for tick in range(3):
+        await page.evaluate("document.getElementById('queues').setAttribute('data-seen', '')")
+        await page.clock.run_for(5000)
+        await page.wait_for_function("() => !document.getElementById('queues').hasAttribute('data-seen')")
+        assert await page.locator("#row-merchant-events").count() == 1, f"tick {tick}"
+
+
 @dataclass
 class ForgedPage:
     url: str

@@ -10,6 +10,7 @@ document.addEventListener("submit", (event) => {
 });
 
 // Tables marked data-refresh="N" are fetched again every N seconds (the page itself, re-rendered by the server).
+// The table is looked up by id on every tick: the one in the page is a new element after each refresh.
 for (const table of document.querySelectorAll("table[data-refresh]")) {
   const seconds = Number(table.dataset.refresh) || 5;
   window.setInterval(async () => {
@@ -19,7 +20,8 @@ for (const table of document.querySelectorAll("table[data-refresh]")) {
       if (!response.ok) return;
       const page = new DOMParser().parseFromString(await response.text(), "text/html");
       const fresh = page.getElementById(table.id);
-      if (fresh) table.replaceWith(fresh);
+      const current = document.getElementById(table.id);
+      if (fresh && current) current.replaceWith(fresh);
     } catch (_) {
       // the next tick tries again
     }
