@@ -55,6 +55,10 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("AUTHNOTIFY_INGRESS_MAX_INFLIGHT", "0"),
     ("AUTHNOTIFY_INGRESS_MAX_INFLIGHT", "many"),
     ("AUTHNOTIFY_LOG_FORMAT", "xml"),
+    ("AUTHNOTIFY_RABBITMQ_METRICS_URLS", "ftp://node:15692"),
+    ("AUTHNOTIFY_RABBITMQ_METRICS_URLS", "http://a:15692,node-2:15692"),  # entry 2 has no scheme
+    ("AUTHNOTIFY_RABBITMQ_METRICS_URLS", "http://node:15692?cafile=/ca.crt"),  # cafile with https only
+    ("AUTHNOTIFY_RABBITMQ_METRICS_URLS", "https://node:15691?ca=/ca.crt"),
 ]
 
 

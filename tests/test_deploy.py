@@ -413,6 +413,13 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                     "path": {"type": "string", "pattern": "^/"},
                     "interval": {"type": "string", "pattern": r"^[0-9]+(s|m)$"},
                     "scrapeTimeout": {"type": "string", "pattern": r"^[0-9]+(s|m)$"},
+                    "scheme": {"enum": ["http", "https"]},
+                    "tlsConfig": {"type": "object", "additionalProperties": False, "properties": {
+                        "ca": {"type": "object", "additionalProperties": False, "required": ["secret"], "properties": {
+                            "secret": {"type": "object", "additionalProperties": False, "required": ["name", "key"],
+                                       "properties": {"name": {"type": "string"}, "key": {"type": "string"}}}}},
+                        "serverName": {"type": "string"},
+                        "insecureSkipVerify": {"type": "boolean"}}},
                     "relabelings": {"type": "array", "items": {
                         "type": "object", "additionalProperties": False, "required": ["targetLabel"],
                         "properties": {"sourceLabels": {"type": "array", "items": {"type": "string"}},
@@ -1214,7 +1221,14 @@ def test_every_process_s_metrics_port_is_scraped_by_a_service_monitor(overlay: s
                                                             s["metadata"].get("labels", {}))]
         if monitor["metadata"]["name"] == "authnotify-rabbitmq":
             assert not selected  # the cluster operator's Service, not one of these manifests
-            assert monitor["spec"]["endpoints"][0]["port"] == "prometheus"
+            # With TLS that Service has prometheus-tls (15691, HTTPS) instead of prometheus (15692).
+            (endpoint,) = monitor["spec"]["endpoints"]
+            if overlay == "production":
+                assert (endpoint["port"], endpoint["scheme"]) == ("prometheus-tls", "https")
+                assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": "authnotify-rabbitmq-tls", "key": "ca.crt"}
+                assert not endpoint["tlsConfig"].get("insecureSkipVerify")
+            else:
+                assert endpoint["port"] == "prometheus" and endpoint.get("scheme", "http") == "http"
             continue
         assert len(selected) == 1, f"{monitor['metadata']['name']} selects {[s['metadata']['name'] for s in selected]}"
         (service,) = selected

@@ -5,8 +5,10 @@ tests/test_api_dead_letters.py."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,10 +16,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from authnotify.config.values import parse_instant
+from authnotify.errors import ConfigError
 from authnotify.messaging.deadletters import DeadLetter, DeadLetterFilter, Selection, merchant_of
 from authnotify.messaging.queue_stats import BrokerMetrics
 from authnotify.operations.authorizations import InvalidRequest
 from authnotify.operations.deadletters import consumer_names, dead_letter_filter, list_limit
+from tests.certificates import make_test_certificates
 
 
 def letter(merchant: str | None = "M-1", reason: str | None = "merchant answered HTTP 503",
@@ -149,6 +153,32 @@ async def test_unacknowledged_counts_are_merged_over_the_nodes_that_answer(nodes
     second.status = 200
     await metrics.unacknowledged()
     assert len(second.asked) == 2  # a node that failed is left alone for a while, not asked on every page
+
+
+async def test_a_tls_only_node_is_read_over_https_trusting_the_ca_its_url_names(tmp_path: Path) -> None:
+    """A TLS-only broker serves its metrics on 15691 over HTTPS, with a certificate from a private CA."""
+    certificates = make_test_certificates(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certificates.server_certificate, certificates.server_key)
+    node = Node(7)
+    runner = web.AppRunner(node.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        trusting = BrokerMetrics([f"https://localhost:{port}/?cafile={certificates.ca}"], "/")
+        assert await trusting.unacknowledged() == {"ns.merchant-events": 7, "ns.token-created": 0}
+        assert node.asked == [{"vhost": "/", "family": "queue_coarse_metrics"}]  # cafile is not sent
+        # Another CA, or the system's: the certificate is refused and the count is unknown.
+        for url in (f"https://localhost:{port}?cafile={certificates.other_ca}", f"https://localhost:{port}"):
+            assert await BrokerMetrics([url], "/").unacknowledged() is None
+        assert len(node.asked) == 1
+    finally:
+        await runner.cleanup()
+
+    with pytest.raises(ConfigError, match=r"^AUTHNOTIFY_RABBITMQ_METRICS_URLS: cannot use the CA file .*absent"):
+        BrokerMetrics([f"https://localhost:{port}?cafile={tmp_path}/absent"], "/")
 
 
 async def test_no_endpoint_means_unknown_not_zero() -> None:

@@ -29,6 +29,7 @@ from authnotify.errors import StoreError
 from authnotify.store import SqlStore
 from authnotify.store.engine import parse_url, postgres_target
 from authnotify.store.postgres import NewGrantInserter
+from tests.certificates import make_test_certificates
 
 pytestmark = pytest.mark.slow
 PASSWORD = "tls-test-password"
@@ -55,21 +56,6 @@ def _binary(name: str) -> str:
     return str(found[-1])
 
 
-def _certificates(directory: Path) -> tuple[Path, Path]:
-    """A CA, a server certificate it signs (localhost, 127.0.0.1), and an unrelated CA."""
-    def openssl(*args: str) -> None:
-        _run(["openssl", *args], cwd=directory)
-
-    for name in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=authnotify test {name}",
-                "-keyout", f"{name}.key", "-out", f"{name}.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
-    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-            "-extfile", "san.ext", "-out", "server.pem")
-    return directory / "ca.pem", directory / "other-ca.pem"
-
-
 @pytest.fixture(scope="module")
 def tls_postgres() -> Iterator[TlsPostgres]:
     # Not pytest's tmp_path: its parents are private to root, and the server runs as the postgres user.
@@ -81,7 +67,7 @@ def tls_postgres() -> Iterator[TlsPostgres]:
 
 
 def _serve(root: Path) -> Iterator[TlsPostgres]:
-    ca, other_ca = _certificates(root)
+    certificates = make_test_certificates(root)
     data = root / "data"
     as_postgres: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
@@ -109,7 +95,7 @@ def _serve(root: Path) -> Iterator[TlsPostgres]:
         shutil.chown(log, "postgres")
     _run([*as_postgres, _binary("pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"])
     try:
-        yield TlsPostgres(port, ca, other_ca)
+        yield TlsPostgres(port, certificates.ca, certificates.other_ca)
     finally:
         subprocess.run([*as_postgres, _binary("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)

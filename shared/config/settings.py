@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -122,6 +122,23 @@ def _parse_token_keys(value: Any) -> TokenKeys | None:
                 f"key {index} is not a Fernet key (32 url-safe base64-encoded bytes)"
             ) from None
     return TokenKeys(keys)
+
+
+def _metrics_urls(value: str | None) -> str | None:
+    """Each comma-separated entry an http:// or https:// URL with a host; ``cafile`` (a CA file that signed the
+    broker's certificate, as in an amqps:// URL) only with https://."""
+    if value is None or value.strip().lower() == "none":
+        return value
+    for position, url in enumerate((part.strip() for part in value.split(",") if part.strip()), start=1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"entry {position} must be http://host:port or https://host:port")
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        if set(query) - {"cafile"}:
+            raise ValueError(f"entry {position}: the only query parameter understood is cafile")
+        if "cafile" in query and parts.scheme != "https":
+            raise ValueError(f"entry {position}: cafile is for https:// only")
+    return value
 
 
 def _blank_is_unset(value: Any) -> Any:
@@ -237,7 +254,8 @@ class Settings(EnvironmentSettings):
     console_session_key: Annotated[SecretStr | None, AfterValidator(_fernet_key)] = None
     # RabbitMQ's Prometheus endpoints (rabbitmq_prometheus, one per node, comma-separated), where the API reads
     # each queue's unacknowledged messages; unset: the broker's host on port 15692; "none": not asked.
-    rabbitmq_metrics_urls: str | None = None
+    # https://...:15691?cafile=/path trusts that CA (a TLS-only broker serves its metrics there).
+    rabbitmq_metrics_urls: Annotated[str | None, AfterValidator(_metrics_urls)] = None
 
     # Tracing (authnotify.observability.tracing), with the otel extra: on when an OTLP endpoint is set. These
     # are OpenTelemetry's standard variables; the SDK itself reads the others (OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER,

@@ -5,23 +5,27 @@ AMQP has no way to ask for a queue's unacknowledged messages, so ``unacknowledge
 Prometheus endpoint (the ``rabbitmq_prometheus`` plugin, port 15692, which needs no credentials):
 ``/metrics/detailed?vhost=...&family=queue_coarse_metrics`` on each node (a node reports the queues it
 leads, so a cluster's nodes are all asked and their answers merged). Where that endpoint cannot be reached,
-``unacknowledged`` is ``None`` (docs/operations.md).
+``unacknowledged`` is ``None`` (docs/operations.md). A TLS-only broker serves it on 15691 over HTTPS: the URL
+may then name the CA to trust, ``https://node:15691?cafile=/path/ca.crt``, as an ``amqps://`` URL does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from prometheus_client.parser import text_string_to_metric_families
 
+from authnotify.errors import ConfigError
 from authnotify.messaging.topology import Consumer, Topology
 from authnotify.observability.logging import get_logger
 
@@ -57,9 +61,25 @@ class BrokerMetrics:
     """Unacknowledged messages per queue, from RabbitMQ's Prometheus endpoint on each of ``urls``."""
 
     def __init__(self, urls: Sequence[str], vhost: str) -> None:
-        self.urls = tuple(url.rstrip("/") for url in urls)
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self.urls = tuple(self._endpoint(url) for url in urls)
         self.vhost = vhost
         self._failed_at: dict[str, float] = {}
+
+    def _endpoint(self, url: str) -> str:
+        """The URL without its ``cafile``; an https URL gets a context trusting that CA (else the system's)."""
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        cafile = dict(query).get("cafile")
+        endpoint = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "cafile"])))
+        endpoint = endpoint.rstrip("/")
+        if parts.scheme == "https":
+            try:
+                self._tls[endpoint] = ssl.create_default_context(cafile=cafile)
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+                raise ConfigError(f"AUTHNOTIFY_RABBITMQ_METRICS_URLS: cannot use the CA file {cafile} ({reason})") from None
+        return endpoint
 
     async def unacknowledged(self) -> dict[str, int] | None:
         """Queue name -> unacknowledged messages, merged over the nodes that answered; None when none did."""
@@ -83,7 +103,7 @@ class BrokerMetrics:
     async def _scrape(self, session: aiohttp.ClientSession, url: str) -> dict[str, int] | None:
         params = {"vhost": self.vhost, "family": "queue_coarse_metrics"}
         try:
-            async with session.get(f"{url}/metrics/detailed", params=params) as response:
+            async with session.get(f"{url}/metrics/detailed", params=params, ssl=self._tls.get(url, True)) as response:
                 if response.status != 200:
                     raise ValueError(f"HTTP {response.status}")
                 text = await response.text()
