@@ -6,7 +6,9 @@ broker and the workers in this process, against the sandbox Alipay gateway and m
 
 from __future__ import annotations
 
+import http.server
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,7 +84,9 @@ def test_the_standard_variables_turn_it_on_and_a_bad_protocol_is_named(monkeypat
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.example:4318")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     settings = load_settings()
-    assert (settings.tracing_endpoint(), settings.tracing_protocol()) == ("http://collector.example:4318", "http/protobuf")
+    # Over HTTP the general endpoint takes the signal's path, as the SDK does with its variables.
+    assert (settings.tracing_endpoint(), settings.tracing_protocol()) == ("http://collector.example:4318/v1/traces",
+                                                                          "http/protobuf")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces.example:4317")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
     settings = load_settings()
@@ -97,6 +101,52 @@ def test_the_standard_variables_turn_it_on_and_a_bad_protocol_is_named(monkeypat
     # Not AUTHNOTIFY_ variables: never warned about, and AUTHNOTIFY_OTEL_... is not a name either.
     assert unknown_variables({"AUTHNOTIFY_OTEL_EXPORTER_OTLP_ENDPOINT": "x"}, tmp_path / ".env") == [
         ("AUTHNOTIFY_OTEL_EXPORTER_OTLP_ENDPOINT", None)]
+
+
+def test_the_variables_in_env_file_send_spans_to_that_collector(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """Settings read OTEL_* from .env as well as the environment; the exporter must send where they say, not to
+    the SDK's default (it reads only the process environment)."""
+    from opentelemetry import trace
+
+    received: list[str] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
+                     "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        monkeypatch.delenv(variable, raising=False)
+    (tmp_path / ".env").write_text(f"OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{collector.server_port}\n"
+                                   "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf\n")
+    installed: list[Any] = []
+    monkeypatch.setattr(trace, "set_tracer_provider", installed.append)
+    settings = load_settings()
+    try:
+        assert tracing.configure_tracing(endpoint=settings.tracing_endpoint(), protocol=settings.tracing_protocol(),
+                                         service_name="authnotify-test")
+        (provider,) = installed
+        with provider.get_tracer("test").start_as_current_span("one"):
+            pass
+        assert provider.force_flush(10_000)
+        assert received == ["/v1/traces"]
+    finally:
+        tracing.disable_tracing()
+        for provider in installed:
+            provider.shutdown()
+        collector.shutdown()
 
 
 def test_an_endpoint_without_the_extra_says_so_once_and_runs_without_traces(

@@ -268,8 +268,17 @@ class Settings(EnvironmentSettings):
     _parsed_keys: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def tracing_endpoint(self) -> str | None:
-        """Where traces go (the traces endpoint, else the general one); None: tracing is off."""
-        return self.otel_exporter_otlp_traces_endpoint or self.otel_exporter_otlp_endpoint
+        """Where the exporter sends traces, as OpenTelemetry reads its variables: the traces endpoint as given,
+        else the general one (with /v1/traces appended over HTTP); None: tracing is off.
+
+        Given to the exporter explicitly, so that the variables work from .env too (the SDK reads only the
+        process environment)."""
+        if self.otel_exporter_otlp_traces_endpoint:
+            return self.otel_exporter_otlp_traces_endpoint
+        general = self.otel_exporter_otlp_endpoint
+        if not general or self.tracing_protocol() in (None, "grpc"):  # gRPC, the default, takes it as given
+            return general
+        return general.rstrip("/") + "/v1/traces"
 
     def tracing_protocol(self) -> str | None:
         return self.otel_exporter_otlp_traces_protocol or self.otel_exporter_otlp_protocol

@@ -81,7 +81,8 @@ def configure_tracing(*, endpoint: str | None, protocol: str | None, service_nam
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: service_name}))
     provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER; flushed at exit
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # endpoint, headers... from OTEL_*
+    # The endpoint as settings resolved it (from .env too); headers, timeout... from the process's OTEL_*.
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
     use_tracer_provider(provider)
     structlog.get_logger("authnotify.tracing").info("tracing_on", protocol=protocol or DEFAULT_PROTOCOL,
