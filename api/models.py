@@ -74,7 +74,7 @@ class DeadLetterItem(BaseModel):
 
 class DeadLetterList(BaseModel):
     items: list[DeadLetterItem] = Field(description="oldest first, queue by queue")
-    more: bool = Field(description="the limit was reached: more may match (narrow the filters or raise the limit)")
+    more: bool = Field(description="more messages match than the limit let through (narrow the filters or raise the limit)")
 
 
 class ReplayRequest(BaseModel):

@@ -93,6 +93,10 @@ async def test_list_filters_and_replay_by_ids_or_all_through_the_api(setup: Any,
                                                        "since": "2026-11-23T09:00:00Z", "limit": "2"},
                                     headers=HEADERS)).json()
     assert [item["id"] for item in narrowed["items"]] == late[:2] and narrowed["more"] is True
+    exactly = await (await api.get("/v1/dlq", params={"queue": "merchant-events", "merchant": "M-1",
+                                                      "since": "2026-11-23T09:00:00Z", "limit": "3"},
+                                   headers=HEADERS)).json()
+    assert [item["id"] for item in exactly["items"]] == late and exactly["more"] is False  # all there were
     by_reason = await (await api.get("/v1/dlq", params={"reason": "INVALID_code"}, headers=HEADERS)).json()
     assert [item["id"] for item in by_reason["items"]] == code
 

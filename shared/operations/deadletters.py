@@ -72,7 +72,7 @@ def list_limit(value: str | None) -> int:
 @dataclass(frozen=True)
 class Listing:
     items: list[DeadLetter]
-    more: bool  # the limit was reached: there may be more that match
+    more: bool  # more match than the limit let through
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,13 @@ class OperatorQueues:
             raise BrokerUnavailable(f"{operation}: broker connection lost ({type(exc).__name__})") from None
 
     async def list(self, names: Sequence[str], filter: DeadLetterFilter, limit: int) -> Listing:
-        selection = Selection(limit=limit, filter=filter)
+        selection = Selection(limit=limit + 1, filter=filter)  # one more than shown: is there more?
 
         async def work(queues: DeadLetterQueues) -> list[DeadLetter]:
             return await queues.list(names, selection)
 
         items: list[DeadLetter] = await self._run("dlq list", work)
-        return Listing(items, more=selection.full)
+        return Listing(items[:limit], more=len(items) > limit)
 
     async def replay(self, queue: str, *, ids: Sequence[str] = (), filter: DeadLetterFilter | None = None,
                      limit: int | None = None) -> Replayed:
