@@ -322,6 +322,7 @@ async def test_the_fast_insert_of_token_created_is_a_database_span_of_its_trace(
     (worker,) = named(spans, "process token-created")
     children = [span for span in spans.get_finished_spans() if parent_of(span) == worker.context.span_id]
     assert children, "no database span under the worker's"
+    assert all(span.kind is SpanKind.CLIENT for span in children)  # the database is another service
     if database_url.startswith("postgresql"):
         assert "INSERT authorizations" in [span.name for span in children]  # the asyncpg fast path
     assert token not in repr([dict(span.attributes or {}) for span in spans.get_finished_spans()])

@@ -268,11 +268,14 @@ def asyncpg_query_spans(name: str) -> Callable[[Any], Awaitable[None]] | None:
     """An asyncpg pool ``init`` that records a span ``name`` per query of its connections (None when off)."""
     if not TRACING.enabled:
         return None
+    from opentelemetry.trace import SpanKind
+
     tracer = _ChildSpansOnly(TRACING.tracer)
 
     def record(query: Any) -> None:  # called by asyncpg just after the query, in the context that ran it
         end = time.time_ns()
-        span = tracer.start_span(name, start_time=end - int(query.elapsed * 1e9), attributes={
+        # A client span, like the SQLAlchemy instrumentation's: the database is another service.
+        span = tracer.start_span(name, kind=SpanKind.CLIENT, start_time=end - int(query.elapsed * 1e9), attributes={
             "db.system.name": "postgresql", "db.operation.name": name.partition(" ")[0]})
         if query.exception is not None:
             from opentelemetry.trace import StatusCode
