@@ -16,13 +16,13 @@ import hashlib
 import hmac
 import re
 import secrets
-import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from authnotify.config import ENV_PREFIX
+from authnotify.config.files import named_tables
 from authnotify.errors import ConfigError
 
 KEYS_FILE_VARIABLE = f"{ENV_PREFIX}API_KEYS_FILE"
@@ -71,16 +71,7 @@ class ApiKeys:
 
 def parse_api_keys(text: str, source: str = KEYS_FILE_VARIABLE) -> ApiKeys:
     """The keys of a TOML document; :class:`ConfigError` with one line naming ``source`` and the entry."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML ({str(exc).splitlines()[0]})") from None
-    unknown = sorted(set(document) - {"keys"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (only [keys.*] tables)")
-    entries = document.get("keys")
-    if not isinstance(entries, dict) or not entries:
-        raise ConfigError(f"{source}: defines no keys (add [keys.<name>] with sha256 and scopes)")
+    entries = named_tables(text, source, "keys", "[keys.<name>] with sha256 and scopes")
     keys: list[ApiKey] = []
     for name, entry in entries.items():
         keys.append(_entry(name, entry, source))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from standardwebhooks import Webhook
 from yarl import URL
 
 from authnotify.config import ENV_PREFIX, Settings
+from authnotify.config.files import named_tables
 from authnotify.domain.authorizations import AuthorizationData
 from authnotify.domain.events import EVENT_TYPES
 from authnotify.errors import ConfigError
@@ -198,16 +198,7 @@ def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE, *,
     ``read_secret_files=False``: ``@/path`` secrets stay unread references (for a process that signs nothing).
     """
 
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML ({str(exc).splitlines()[0]})") from None
-    unknown = sorted(set(document) - {"merchants"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (only [merchants.*] tables)")
-    merchants = document.get("merchants")
-    if not isinstance(merchants, dict) or not merchants:
-        raise ConfigError(f"{source}: defines no merchants (add [merchants.default] or [merchants.\"<id>\"])")
+    merchants = named_tables(text, source, "merchants", "[merchants.default] or [merchants.\"<id>\"]")
 
     entries: dict[str, Endpoint] = {}
     default: Endpoint | None = None
