@@ -371,6 +371,42 @@ async def settle(args: argparse.Namespace, topology: Topology) -> None:
     await asyncio.sleep(args.settle)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process descending from it (the ingress's parent and its children)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending.extend(parents.get(pid, ()))
+    return tree
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU time so far of ``root`` and its descendants, from /proc/<pid>/stat."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / CLOCK_TICKS
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -433,16 +469,20 @@ async def main(args: argparse.Namespace) -> int:
         await closed_loop(port, requests, args.concurrency, args.warmup)  # connections, caches, first signatures
         await settle(args, topology)
 
+        cpu_before = cpu_seconds(process.pid)
         if wrk:
             ingress = await wrk_closed_loop(port, requests, args.concurrency, args.duration, wrk)
         else:
             ingress = await closed_loop(port, requests, args.concurrency, args.duration)
-        print(f"ingress ({closed_client:13}) {ingress.summary()}", flush=True)
+        ingress_cpu_ms = (cpu_seconds(process.pid) - cpu_before) * 1000 / max(1, ingress.acknowledged)
+        print(f"ingress ({closed_client:13}) {ingress.summary()}  CPU {ingress_cpu_ms:.3f} ms/ack", flush=True)
         await settle(args, topology)
 
         half_rate = ingress.rate / 2
+        cpu_before = cpu_seconds(process.pid)
         paced = await open_loop(port, requests, half_rate, args.duration)
-        print(f"ingress at {half_rate:5.0f}/s      {paced.summary()}", flush=True)
+        paced_cpu_ms = (cpu_seconds(process.pid) - cpu_before) * 1000 / max(1, paced.acknowledged)
+        print(f"ingress at {half_rate:5.0f}/s      {paced.summary()}  CPU {paced_cpu_ms:.3f} ms/ack", flush=True)
         await settle(args, topology)
 
         raw = await raw_publisher(args.rabbitmq_url, topology, bodies, args.concurrency, args.duration)
@@ -457,6 +497,8 @@ async def main(args: argparse.Namespace) -> int:
         print()
         print(f"ratio ingress / bare publisher = {ratio:.2f}  (goal >= 0.70: {'met' if ratio >= 0.7 else 'NOT met'})")
         print(f"p99 at half the max rate      = {p99:.1f} ms  (goal < 50 ms: {'met' if p99 < 50 else 'NOT met'})")
+        print(f"ingress CPU per ack, closed   = {ingress_cpu_ms:.3f} ms  "
+              f"(goal <= 0.30 ms: {'met' if ingress_cpu_ms <= 0.3 else 'NOT met'})")
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
