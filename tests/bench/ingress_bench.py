@@ -407,6 +407,15 @@ def cpu_seconds(root: int) -> float:
     return total / CLOCK_TICKS
 
 
+async def start_profiler(output: str, pid: int, seconds: float) -> asyncio.subprocess.Process:
+    """py-spy on the ingress (and its child processes) for the closed-loop phase; its CPU counts against
+    the ingress's cores but not against the ingress's own CPU figure."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return await asyncio.create_subprocess_exec(
+        str(py_spy), "record", "--subprocesses", "--rate", "200", "--duration", str(max(1, round(seconds))),
+        "--output", output, "--pid", str(pid), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -469,6 +478,7 @@ async def main(args: argparse.Namespace) -> int:
         await closed_loop(port, requests, args.concurrency, args.warmup)  # connections, caches, first signatures
         await settle(args, topology)
 
+        profiler = await start_profiler(args.profile, process.pid, args.duration) if args.profile else None
         cpu_before = cpu_seconds(process.pid)
         if wrk:
             ingress = await wrk_closed_loop(port, requests, args.concurrency, args.duration, wrk)
@@ -476,6 +486,9 @@ async def main(args: argparse.Namespace) -> int:
             ingress = await closed_loop(port, requests, args.concurrency, args.duration)
         ingress_cpu_ms = (cpu_seconds(process.pid) - cpu_before) * 1000 / max(1, ingress.acknowledged)
         print(f"ingress ({closed_client:13}) {ingress.summary()}  CPU {ingress_cpu_ms:.3f} ms/ack", flush=True)
+        if profiler is not None:
+            await profiler.wait()
+            print(f"flame graph of the closed loop: {args.profile}")
         await settle(args, topology)
 
         half_rate = ingress.rate / 2
@@ -521,6 +534,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds between phases")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
                         help="closed-loop load client: wrk when installed (auto), or the Python one")
+    parser.add_argument("--profile", metavar="SVG",
+                        help="record a py-spy flame graph of the ingress during the closed loop into SVG")
     parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     parser.add_argument("--rabbitmq-url", default=os.environ.get(
         "AUTHNOTIFY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
