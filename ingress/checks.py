@@ -144,6 +144,14 @@ class BodyBudget:
 async def read_body(request: web.BaseRequest, budget: BodyBudget, timeout: float) -> bytes:
     """The whole body, read as it arrives: within ``timeout``, at most 64 KiB, every byte counted in
     ``budget`` while the body is incomplete. Raises :class:`Refused`."""
+    content = request.content
+    if content.is_eof():
+        # All of it came with the headers (a notification usually does): nothing to wait for or to hold
+        # against the budget, so no timer and no hold (together a tenth of the request's CPU).
+        body = content.read_nowait()
+        if len(body) > MAX_BODY_BYTES:
+            raise Refused(PARAM_ILLEGAL, "body over 64 KiB", close_connection=True)
+        return body
     hold = budget.hold(request.transport)
     chunks: list[bytes] = []
     size = 0
