@@ -292,7 +292,7 @@ def create_app(settings: Settings, *, broker: Broker | None = None, publisher: P
     ready_publisher = publisher
     add_health_routes(app, lambda: ready_publisher.ready, not_ready="broker unavailable")
 
-    # Read at scrape time rather than updated on every request.
+    # Read at scrape time rather than updated on every request (a supervised process: record_gauges).
     INGRESS_INFLIGHT.set_function(lambda: inflight.current)
     INGRESS_BODY_BYTES_HELD.set_function(lambda: budget.held)
     BROKER_CONNECTED.set_function(lambda: 1.0 if ready_publisher.ready else 0.0)
@@ -312,3 +312,12 @@ def create_app(settings: Settings, *, broker: Broker | None = None, publisher: P
         app.on_startup.append(start)
         app.on_cleanup.append(stop)
     return app
+
+
+def record_gauges(app: web.Application) -> None:
+    """Writes the current values of the gauges :func:`create_app` reads at scrape time. A process whose
+    metrics are read from files by another (``--processes N``, prometheus_client's multiprocess mode) calls
+    this periodically: the scrape-time functions only answer scrapes of the process itself."""
+    INGRESS_INFLIGHT.set(app[INFLIGHT_KEY].current)
+    INGRESS_BODY_BYTES_HELD.set(app[BODY_BUDGET_KEY].held)
+    BROKER_CONNECTED.set(1.0 if app[PUBLISHER_KEY].ready else 0.0)

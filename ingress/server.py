@@ -3,19 +3,27 @@
 On a stop signal the listener closes first, the requests in flight are answered (each publish is bounded
 by its confirm timeout), and only then the broker channel and connection close. ``/metrics`` is served on
 ``AUTHNOTIFY_METRICS_PORT``, a listener of its own that Alipay's side never reaches.
+
+With ``--processes N`` (N > 1) this runs in each of N children of :mod:`authnotify.ingress.supervisor`,
+``supervised``: the port is shared (SO_REUSEPORT), metrics go to the supervisor's files rather than to a
+listener of its own, every log line names the process, and the process drains when its supervisor goes away.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
 import resource
+import sys
 
+import structlog
 from aiohttp import web
 
 from authnotify.alipay.notifications import NOTIFY_PATHS, signed_path
 from authnotify.config import Need, Settings, check_needs
 from authnotify.errors import EXIT_OK, CommandError
-from authnotify.ingress.app import INFLIGHT_KEY, create_app
+from authnotify.ingress.app import INFLIGHT_KEY, create_app, record_gauges
 from authnotify.messaging.health import HealthServer
 from authnotify.messaging.lifecycle import Lifecycle, listen
 from authnotify.observability.logging import get_logger
@@ -35,6 +43,8 @@ KEEPALIVE_TIMEOUT_SECONDS = 75.0
 # After answering a request whose body was not read (too big, too slow), aiohttp reads and discards the rest
 # for this long before closing, so the client sees the answer; its default, 10 s, keeps slow clients around.
 LINGERING_SECONDS = 1.0
+# How stale a supervised process's gauges (publishes in flight, body bytes held, broker connected) may be.
+GAUGE_INTERVAL_SECONDS = 1.0
 
 
 def raise_open_file_limit() -> int:
@@ -55,15 +65,51 @@ def ingress_runner(app: web.Application, *, handle_signals: bool = False) -> web
                          keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS, lingering_time=LINGERING_SECONDS)
 
 
-async def run_ingress(settings: Settings) -> int:
+async def _record_gauges_periodically(app: web.Application) -> None:
+    while True:
+        record_gauges(app)
+        await asyncio.sleep(GAUGE_INTERVAL_SECONDS)
+
+
+def _stop_when_supervisor_gone(lifecycle: Lifecycle) -> None:
+    """The supervisor holds our stdin open and never writes to it: end of file means it is gone (killed),
+    and a process nobody supervises drains and exits like on SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stdin = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not os.read(stdin, 4096):
+            loop.remove_reader(stdin)
+            log.warning("ingress_supervisor_gone")
+            lifecycle.stop_requested.set()
+
+    async def stop_reading() -> None:
+        loop.remove_reader(stdin)
+
+    loop.add_reader(stdin, readable)
+    lifecycle.on_stop(stop_reading)
+
+
+async def run_ingress(settings: Settings, *, supervised: bool = False) -> int:
     check_needs(settings, INGRESS_NEEDS)
     enabled = settings.configured_providers()
     open_files = raise_open_file_limit()
-    listener = listen(settings.http_host, settings.http_port, backlog=LISTEN_BACKLOG)
+    if supervised:
+        structlog.contextvars.bind_contextvars(pid=os.getpid())
+    listener = listen(settings.http_host, settings.http_port, backlog=LISTEN_BACKLOG, reuse_port=supervised)
     app = create_app(settings)
     runner = ingress_runner(app)
     async with Lifecycle() as lifecycle:
-        if settings.metrics_port:
+        if supervised:
+            _stop_when_supervisor_gone(lifecycle)
+            gauges = asyncio.create_task(_record_gauges_periodically(app))
+
+            async def stop_recording() -> None:
+                gauges.cancel()
+                record_gauges(app)
+
+            lifecycle.on_stop(stop_recording)
+        elif settings.metrics_port:
             metrics = HealthServer(settings.http_host, settings.metrics_port, None, name="metrics")
             try:
                 await metrics.start()
@@ -84,7 +130,7 @@ async def run_ingress(settings: Settings) -> int:
         gc.freeze()
         log.info("ingress_listening", host=settings.http_host, port=settings.http_port, providers=enabled,
                  paths=[signed_path(NOTIFY_PATHS[name], settings.notify_path_prefix) for name in enabled],
-                 metrics_port=settings.metrics_port or None,
+                 metrics_port=None if supervised else settings.metrics_port or None,
                  open_files=open_files)
         await lifecycle.run_until_stopped()
     log.info("ingress_stopped")

@@ -570,6 +570,35 @@ def test_ingress_has_service_hpa_and_disruption_budget(base: list[dict[str, Any]
     assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # a drain can always evict one
 
 
+def _cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.mark.parametrize(("overlay", "processes"), [("base", 1), ("production", 2)])
+def test_the_ingress_runs_its_processes_on_as_many_cores(overlay: str, processes: int,
+                                                         request: pytest.FixtureRequest) -> None:
+    """AUTHNOTIFY_INGRESS_PROCESSES: one process in the base, two in production with two cores to match."""
+    objects = request.getfixturevalue(overlay)
+    pod = by_kind(objects, "Deployment")["authnotify-ingress"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["AUTHNOTIFY_INGRESS_PROCESSES"] == str(processes)
+    check_settings_values({"AUTHNOTIFY_INGRESS_PROCESSES": env["AUTHNOTIFY_INGRESS_PROCESSES"]},
+                          f"{overlay} ingress")
+    resources = container["resources"]
+    if processes > 1:
+        assert _cores(resources["requests"]["cpu"]) == _cores(resources["limits"]["cpu"]) == processes
+    else:
+        assert _cores(resources["limits"]["cpu"]) <= 1
+    # The supervisor's metrics directory is on the writable /tmp.
+    assert "/tmp" in {mount["mountPath"] for mount in container["volumeMounts"]}
+
+
+def test_compose_runs_as_many_ingress_processes_as_the_env_file_says(compose: dict[str, Any]) -> None:
+    environment = compose["services"]["ingress"]["environment"]
+    assert environment["AUTHNOTIFY_INGRESS_PROCESSES"] == "${AUTHNOTIFY_INGRESS_PROCESSES:-1}"
+
+
 def test_probes_point_at_readyz_and_healthz_on_the_container_port(base: list[dict[str, Any]]) -> None:
     config = by_kind(base, "ConfigMap")["authnotify-config"]["data"]
     assert int(config["AUTHNOTIFY_HTTP_PORT"]) == INGRESS_PORT

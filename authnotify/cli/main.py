@@ -94,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help, description=help)
 
-    command("ingress", "run the HTTP ingress (Alipay's notifications, on AUTHNOTIFY_HTTP_HOST:AUTHNOTIFY_HTTP_PORT)")
+    ingress = command("ingress",
+                      "run the HTTP ingress (Alipay's notifications, on AUTHNOTIFY_HTTP_HOST:AUTHNOTIFY_HTTP_PORT)")
+    ingress.add_argument("--processes", type=positive_int, metavar="N",
+                         help="ingress processes sharing the port, each with its own broker connection, under one "
+                              "supervisor that serves their /metrics (default: AUTHNOTIFY_INGRESS_PROCESSES, "
+                              "else 1: one process, no supervisor)")
+    ingress.add_argument("--supervised", action="store_true",
+                         help="run as one of the processes of --processes N: the supervisor passes it, not people")
     command("scheduler", "publish due token refreshes, expiries and expiry warnings")
     command("api", "serve the internal API and the operator console (AUTHNOTIFY_API_HOST:AUTHNOTIFY_API_PORT)")
     api_keys = command("api-keys", "API keys for the internal API and the console")
@@ -238,7 +245,12 @@ def _dispatch(args: argparse.Namespace, settings_factory: Callable[[], Settings]
     if command == "ingress":
         from authnotify.ingress.server import run_ingress
 
-        return _run(lambda: run_ingress(settings))
+        processes = args.processes or settings.ingress_processes
+        if processes > 1 and not args.supervised:
+            from authnotify.ingress.supervisor import run_ingress_processes
+
+            return _run(lambda: run_ingress_processes(settings, processes))
+        return _run(lambda: run_ingress(settings, supervised=args.supervised))
     if command == "worker":
         from authnotify.workers.process import run_workers
 

@@ -93,12 +93,17 @@ def parse_signature_header(value: str) -> SignatureHeader:
     return SignatureHeader(algorithm=ALGORITHM, key_version=parts.get("keyversion"), signature=raw)
 
 
+# Stateless parameter objects: made once rather than on every verification.
+_PADDING = padding.PKCS1v15()
+_HASH = hashes.SHA256()
+
+
 def verify_signature(keys: PublicKeyRing, header: SignatureHeader, content: bytes) -> bool:
     public_key = keys.for_version(header.key_version)
     if public_key is None:
         return False
     try:
-        public_key.verify(header.signature, content, padding.PKCS1v15(), hashes.SHA256())
+        public_key.verify(header.signature, content, _PADDING, _HASH)
     except InvalidSignature:
         return False
     return True

@@ -233,6 +233,8 @@ class Settings(EnvironmentSettings):
     # being attempted (workers/merchant_circuit.py); 0 turns the circuit off.
     merchant_circuit_failures: int = Field(default=5, ge=0)
     ingress_max_inflight: int = Field(default=1024, ge=1)
+    # `authnotify ingress --processes N` when the flag is not given (Kubernetes sets it per overlay).
+    ingress_processes: int = Field(default=1, ge=1)
     request_time_tolerance: Duration = 26 * 3600.0  # Alipay retries for 24 hours
     ingress_body_timeout: Duration = 10.0
     # What a proxy in front of the ingress adds to the notify paths Alipay calls (and signs), e.g. /alipay.

@@ -32,11 +32,14 @@ def add_health_routes(app: web.Application, ready: Callable[[], bool], *, not_re
     app.router.add_get("/readyz", readyz)
 
 
-def add_metrics_route(app: web.Application) -> None:
-    """``/metrics``: the process's Prometheus metrics, text format."""
+MetricsRenderer = Callable[[], tuple[bytes, str]]
+
+
+def add_metrics_route(app: web.Application, render: MetricsRenderer = render_metrics) -> None:
+    """``/metrics``: Prometheus text format, by default this process's metrics."""
 
     async def metrics(_request: web.Request) -> web.Response:
-        body, content_type = render_metrics()
+        body, content_type = render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     app.router.add_get("/metrics", metrics)
@@ -44,13 +47,16 @@ def add_metrics_route(app: web.Application) -> None:
 
 class HealthServer:
     """``/metrics`` (and, given ``ready``, ``/healthz`` and ``/readyz``) on ``host:port`` of their own, until
-    :meth:`stop`. Port 0 takes any free port (:attr:`port` says which)."""
+    :meth:`stop`. Port 0 takes any free port (:attr:`port` says which). ``render`` gives the ``/metrics``
+    answer (by default this process's metrics; the ingress's supervisor serves its children's)."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], bool] | None, *, name: str = "health") -> None:
+    def __init__(self, host: str, port: int, ready: Callable[[], bool] | None, *, name: str = "health",
+                 render: MetricsRenderer = render_metrics) -> None:
         self._host = host
         self._port = port
         self._ready = ready
         self._name = name
+        self._render = render
         self._runner: web.AppRunner | None = None
 
     @property
@@ -63,7 +69,7 @@ class HealthServer:
         app = web.Application()
         if self._ready is not None:
             add_health_routes(app, self._ready)
-        add_metrics_route(app)
+        add_metrics_route(app, self._render)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()

@@ -23,14 +23,32 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LISTEN_BACKLOG = 1024
 
 
-def listen(host: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """Binds now, so a port in use fails with one line before anything else starts."""
+def listen(host: str, port: int, *, backlog: int = LISTEN_BACKLOG, reuse_port: bool = False) -> socket.socket:
+    """Binds now, so a port in use fails with one line before anything else starts. With ``reuse_port``
+    several processes listen on the same port (SO_REUSEPORT) and the kernel spreads connections over them."""
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     try:
-        return socket.create_server(address, family=family, backlog=backlog)
+        return socket.create_server(address, family=family, backlog=backlog, reuse_port=reuse_port)
     except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        raise CommandError(f"authnotify: cannot listen on {host}:{port} ({reason})") from None
+        raise _cannot_listen(host, port, exc) from None
+
+
+def check_shared_port(host: str, port: int) -> None:
+    """Fails with one line unless processes can share ``host:port`` (SO_REUSEPORT); binds without listening,
+    so no connection is ever taken here."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as socket.create_server does
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise _cannot_listen(host, port, exc) from None
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> CommandError:
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return CommandError(f"authnotify: cannot listen on {host}:{port} ({reason})")
 
 
 class Lifecycle:

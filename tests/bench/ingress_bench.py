@@ -1,24 +1,31 @@
-"""Ingress throughput and latency against a bare confirming publisher, on the real broker.
+"""Ingress throughput, latency and CPU against a bare confirming publisher, on the real broker.
 
-Run: ``make bench-ingress`` (= ``.venv/bin/python -m tests.bench.ingress_bench``), options after ``BENCH_ARGS=``.
+Run: ``make bench-ingress`` (= ``.venv/bin/python -m tests.bench.ingress_bench``), options after ``BENCH_ARGS=``
+(e.g. ``BENCH_ARGS="--duration 10 --processes 1,2"``).
 
-1. Starts ``authnotify ingress`` as a subprocess (the way it runs in production: uvloop, JSON logs to a pipe
-   that is discarded) in a namespace of its own, with both providers configured.
+For each value of ``--processes`` (default 1 and 2):
+
+1. Starts ``authnotify ingress --processes N`` as a subprocess (the way it runs in production: uvloop, JSON logs
+   to a pipe that is discarded) in a namespace of its own, with both providers configured.
 2. Drives it at a fixed concurrency with correctly signed notifications, signed before the clock starts, over
    keep-alive HTTP/1.1 connections, one request in flight per connection: with ``wrk`` (one thread, the
    pre-signed requests cycled by tests/bench/ingress_wrk.lua) when it is installed, so the client's own CPU
    does not count against the ingress, else with a minimal asyncio client. Reports acknowledged (HTTP 200)
-   notifications/s and p50/p99 latency.
-3. In the same run, a bare aio-pika publisher with publisher confirms at the same concurrency publishes the
-   same messages (bodies, persistent, same properties and headers) through the same exchange to the same
-   (quorum by default) queue: the ceiling the ingress is measured against.
-4. Drives the ingress open-loop at half the rate measured in step 2 (a paced asyncio client: requests due
-   at a wake-up go out together on idle keep-alive connections) and reports p99 latency, measured from
-   each request's scheduled send time so client-side queueing counts too; then the bare publisher at the same
-   rate, for reference. Between phases the queue is purged and the broker left idle for ``--settle`` seconds.
+   notifications/s, p50/p99 latency, and the CPU (user + system, from /proc/<pid>/stat) the ingress used per
+   acknowledged notification: the supervisor and all its processes together.
+3. Drives it open-loop at half the rate measured in step 2 (a paced asyncio client: requests due at a
+   wake-up go out together on idle keep-alive connections) and reports p99 latency, measured from each
+   request's scheduled send time so client-side queueing counts too, and the CPU per notification there.
 
-Goals: ingress >= 0.7 x bare publisher; p99 < 50 ms at half rate. Everything shares the same cores as the
-broker, so compare the ratio of one run rather than absolute figures across machines.
+Then, in the same run, a bare aio-pika publisher with publisher confirms at the same concurrency publishes the
+same messages (bodies, persistent, same properties and headers) through the same exchange to the same (quorum
+by default) queue: the ceiling the ingress is measured against; and the bare publisher at half the rate of the
+first ingress, for reference. Between phases the queue is purged and the broker left idle for ``--settle``
+seconds. A table sums up. ``--profile FILE.svg`` records a py-spy flame graph of each closed loop.
+
+Goals: ingress >= 0.7 x bare publisher; p99 < 50 ms at half rate; <= 0.3 ms CPU per acknowledged notification.
+Everything shares the same cores as the broker, so compare the ratio of one run rather than absolute figures
+across machines.
 """
 
 from __future__ import annotations
@@ -371,6 +378,52 @@ async def settle(args: argparse.Namespace, topology: Topology) -> None:
     await asyncio.sleep(args.settle)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process descending from it (the ingress's parent and its children)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending.extend(parents.get(pid, ()))
+    return tree
+
+
+def cpu_seconds(root: int) -> float:
+    """User + system CPU time so far of ``root`` and its descendants, from /proc/<pid>/stat."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / CLOCK_TICKS
+
+
+async def start_profiler(output: str, pid: int, seconds: float) -> asyncio.subprocess.Process:
+    """py-spy on the ingress (and its child processes) for the closed-loop phase; its CPU counts against
+    the ingress's cores but not against the ingress's own CPU figure."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return await asyncio.create_subprocess_exec(
+        str(py_spy), "record", "--subprocesses", "--rate", "200", "--duration", str(max(1, round(seconds))),
+        "--format", "raw" if output.endswith(".txt") else "flamegraph", "--output", output, "--pid", str(pid),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -395,6 +448,94 @@ async def wait_ready(port: int, process: asyncio.subprocess.Process, timeout: fl
     raise SystemExit("the ingress did not become ready")
 
 
+@dataclass
+class IngressRun:
+    """The figures of one ``authnotify ingress --processes N`` in the run."""
+
+    processes: int
+    closed: Measurement
+    closed_cpu_ms: float  # CPU per acknowledged notification, the supervisor and every process together
+    paced: Measurement
+    paced_cpu_ms: float
+
+
+def cpu_ms_per_ack(cpu_seconds_used: float, measurement: Measurement) -> float:
+    return cpu_seconds_used * 1000 / measurement.acknowledged if measurement.acknowledged else float("nan")
+
+
+async def wait_processes(pid: int, processes: int, timeout: float = 60) -> None:
+    """With a supervisor: until it has all its processes (each is ready once /readyz answered on its own)."""
+    deadline = time.monotonic() + timeout
+    while len(process_tree(pid)) < processes + (1 if processes > 1 else 0):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the ingress did not start {processes} processes")
+        await asyncio.sleep(0.2)
+
+
+async def measure_ingress(args: argparse.Namespace, env: dict[str, str], port: int, processes: int,
+                          requests: Sequence[bytes], topology: Topology, wrk: str | None) -> IngressRun:
+    closed_client = "wrk" if wrk else "python client"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authnotify", "ingress", "--processes", str(processes), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_processes(process.pid, processes)
+        await wait_ready(port, process)
+        # Fresh connections for the warm-up: each process gets some, so each has its connection and caches.
+        await closed_loop(port, requests, args.concurrency, args.warmup)
+        await settle(args, topology)
+
+        label = f"ingress x{processes}"
+        profiler = None
+        if args.profile:
+            chosen = Path(args.profile)
+            output = str(chosen.with_stem(f"{chosen.stem}-{processes}")) if len(args.processes) > 1 else args.profile
+            profiler = await start_profiler(output, process.pid, args.duration)
+        cpu_before = cpu_seconds(process.pid)
+        if wrk:
+            closed = await wrk_closed_loop(port, requests, args.concurrency, args.duration, wrk)
+        else:
+            closed = await closed_loop(port, requests, args.concurrency, args.duration)
+        closed_cpu = cpu_ms_per_ack(cpu_seconds(process.pid) - cpu_before, closed)
+        print(f"{label} ({closed_client:13}) {closed.summary()}  CPU {closed_cpu:.3f} ms/ack", flush=True)
+        if profiler is not None:
+            await profiler.wait()
+            print(f"flame graph of the closed loop: {output}")
+        await settle(args, topology)
+
+        half_rate = closed.rate / 2
+        cpu_before = cpu_seconds(process.pid)
+        paced = await open_loop(port, requests, half_rate, args.duration)
+        paced_cpu = cpu_ms_per_ack(cpu_seconds(process.pid) - cpu_before, paced)
+        print(f"{label} at {half_rate:5.0f}/s      {paced.summary()}  CPU {paced_cpu:.3f} ms/ack", flush=True)
+        await settle(args, topology)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+    return IngressRun(processes, closed, closed_cpu, paced, paced_cpu)
+
+
+def summary_table(runs: Sequence[IngressRun], raw: Measurement, raw_paced: Measurement) -> list[str]:
+    lines = [
+        "| | acks/s | x bare publisher | CPU ms/ack (closed) | p50 / p99 closed ms | rate at half | p99 there ms "
+        "| CPU ms/ack there |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        lines.append(
+            f"| ingress --processes {run.processes} | {run.closed.rate:.0f} | {run.closed.rate / raw.rate:.2f} "
+            f"| {run.closed_cpu_ms:.3f} | {run.closed.percentile(0.5):.1f} / {run.closed.percentile(0.99):.1f} "
+            f"| {run.paced.rate:.0f} | {run.paced.percentile(0.99):.1f} | {run.paced_cpu_ms:.3f} |")
+    lines.append(f"| bare aio-pika publisher | {raw.rate:.0f} | 1.00 | | {raw.percentile(0.5):.1f} / "
+                 f"{raw.percentile(0.99):.1f} | {raw_paced.rate:.0f} | {raw_paced.percentile(0.99):.1f} | |")
+    return lines
+
+
 async def main(args: argparse.Namespace) -> int:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     topology = Topology(namespace=namespace, queue_type=QueueType(args.queue_type), retry_delays=(1.0,))
@@ -406,69 +547,68 @@ async def main(args: argparse.Namespace) -> int:
         "AUTHNOTIFY_RABBITMQ_URL": args.rabbitmq_url, "AUTHNOTIFY_NAMESPACE": namespace,
         "AUTHNOTIFY_QUEUE_TYPE": args.queue_type, "AUTHNOTIFY_RETRY_DELAYS": "1s",
         "AUTHNOTIFY_HTTP_HOST": "127.0.0.1", "AUTHNOTIFY_HTTP_PORT": str(port),
+        "AUTHNOTIFY_METRICS_PORT": str(free_port()),
         "AUTHNOTIFY_AMS_CLIENT_ID": AMS_CLIENT_ID, "AUTHNOTIFY_APS_CLIENT_ID": APS_CLIENT_ID,
         "AUTHNOTIFY_AMS_PRIVATE_KEY": private_key_pem(our_key), "AUTHNOTIFY_APS_PRIVATE_KEY": private_key_pem(our_key),
         "AUTHNOTIFY_AMS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
         "AUTHNOTIFY_APS_ALIPAY_PUBLIC_KEY": public_key_pem(alipay_key.public_key()),
     })
     print(f"authnotify ingress benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC  cpus={os.cpu_count()}  "
-          f"queue={args.queue_type}  concurrency={args.concurrency}  duration={args.duration:g}s")
+          f"queue={args.queue_type}  concurrency={args.concurrency}  duration={args.duration:g}s  "
+          f"processes={','.join(map(str, args.processes))}")
     wrk = shutil.which("wrk") if args.client in ("auto", "wrk") else None
     if wrk is None and args.client == "wrk":
         raise SystemExit("ingress_bench: wrk not found (Debian: apt-get install -y wrk)")
     if wrk is None:
         print("closed loop by the Python client, whose CPU counts against the ingress: "
               "install wrk (Debian: apt-get install -y wrk) to measure the ingress alone")
-    closed_client = "wrk" if wrk else "python client"
     print(f"signing {SIGNED_POOL} notifications before the clock starts ...", flush=True)
     bodies = notification_bodies(SIGNED_POOL)
     requests = signed_requests(alipay_key, port, bodies)
 
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "authnotify", "ingress", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
     try:
-        await wait_ready(port, process)
-        await closed_loop(port, requests, args.concurrency, args.warmup)  # connections, caches, first signatures
-        await settle(args, topology)
-
-        if wrk:
-            ingress = await wrk_closed_loop(port, requests, args.concurrency, args.duration, wrk)
-        else:
-            ingress = await closed_loop(port, requests, args.concurrency, args.duration)
-        print(f"ingress ({closed_client:13}) {ingress.summary()}", flush=True)
-        await settle(args, topology)
-
-        half_rate = ingress.rate / 2
-        paced = await open_loop(port, requests, half_rate, args.duration)
-        print(f"ingress at {half_rate:5.0f}/s      {paced.summary()}", flush=True)
-        await settle(args, topology)
+        # The topology exists before the first phase (the ingress also declares it, idempotently).
+        connection = await aio_pika.connect(args.rabbitmq_url)
+        async with connection:
+            await declare_topology(await connection.channel(), topology)
+        runs = [await measure_ingress(args, env, port, processes, requests, topology, wrk)
+                for processes in args.processes]
 
         raw = await raw_publisher(args.rabbitmq_url, topology, bodies, args.concurrency, args.duration)
         print(f"bare aio-pika publisher   {raw.summary()}", flush=True)
         await settle(args, topology)
 
+        half_rate = runs[0].closed.rate / 2
         raw_paced = await raw_open_loop(args.rabbitmq_url, topology, bodies, half_rate, args.duration)
         print(f"bare publisher at {half_rate:5.0f}/s {raw_paced.summary()}  (for reference)", flush=True)
 
-        ratio = ingress.rate / raw.rate if raw.rate else float("nan")
-        p99 = paced.percentile(0.99)
         print()
-        print(f"ratio ingress / bare publisher = {ratio:.2f}  (goal >= 0.70: {'met' if ratio >= 0.7 else 'NOT met'})")
-        print(f"p99 at half the max rate      = {p99:.1f} ms  (goal < 50 ms: {'met' if p99 < 50 else 'NOT met'})")
+        print("\n".join(summary_table(runs, raw, raw_paced)))
+        print()
+        one = runs[0]
+        ratio = one.closed.rate / raw.rate if raw.rate else float("nan")
+        p99 = max(run.paced.percentile(0.99) for run in runs)
+        print(f"ratio ingress x{one.processes} / bare publisher = {ratio:.2f}  "
+              f"(goal >= 0.70: {'met' if ratio >= 0.7 else 'NOT met'})")
+        print(f"p99 at half the max rate (worst) = {p99:.1f} ms  (goal < 50 ms: {'met' if p99 < 50 else 'NOT met'})")
+        print(f"ingress x{one.processes} CPU per ack, closed = {one.closed_cpu_ms:.3f} ms  "
+              f"(goal <= 0.30 ms: {'met' if one.closed_cpu_ms <= 0.3 else 'NOT met'})")
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
         connection = await aio_pika.connect(args.rabbitmq_url)
         async with connection:
             await declare_topology(await connection.channel(), topology)  # makes the delete below total
             await delete_topology(await connection.channel(), topology)
     return 0
+
+
+def process_counts(value: str) -> list[int]:
+    try:
+        counts = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of whole numbers") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("process counts are at least 1")
+    return counts
 
 
 def parse_args() -> argparse.Namespace:
@@ -479,6 +619,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds between phases")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
                         help="closed-loop load client: wrk when installed (auto), or the Python one")
+    parser.add_argument("--processes", type=process_counts, default=[1, 2], metavar="N[,N...]",
+                        help="run the ingress phases with each of these --processes values (default: 1,2)")
+    parser.add_argument("--profile", metavar="SVG",
+                        help="record a py-spy flame graph of the ingress during the closed loop into SVG "
+                             "(collapsed stacks instead when it ends in .txt)")
     parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     parser.add_argument("--rabbitmq-url", default=os.environ.get(
         "AUTHNOTIFY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
