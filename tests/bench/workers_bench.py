@@ -69,7 +69,6 @@ from authnotify.domain.merchants import generate_secret
 from authnotify.messaging import headers as h
 from authnotify.messaging.topology import (
     Consumer,
-    QueueType,
     Topology,
     build_topology,
     declare_topology,
@@ -786,7 +785,10 @@ async def main(args: argparse.Namespace) -> int:
         "merchants_file": str(workdir / "merchants.toml"),
     }
     postgres_url: str | None = None
-    topology = Topology(namespace=namespace, queue_type=QueueType(args.queue_type), retry_delays=(1.0,))
+    # The topology the workers build from these settings (per-consumer retry delays included).
+    sqlite_settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{workdir}/bench.db",
+                               **common)  # type: ignore[call-arg]
+    topology = build_topology(sqlite_settings)
     drains: dict[str, Drain] = {}
     e2e: EndToEnd | None = None
     e2e_open: OpenLoop | None = None
@@ -797,9 +799,6 @@ async def main(args: argparse.Namespace) -> int:
         connection = await aio_pika.connect(args.rabbitmq_url)
         async with connection:
             await declare_topology(await connection.channel(), topology)
-        sqlite_settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{workdir}/bench.db",
-                                   **common)  # type: ignore[call-arg]
-        assert build_topology(sqlite_settings) == topology
         prefetch = 64
 
         for phase in only:
