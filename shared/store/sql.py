@@ -252,8 +252,7 @@ class SqlStore:
             if self._sqlite:  # the two inserts of new authorizations must commit together
                 async with self._engine.begin() as conn:
                     return await self._write_grants(conn, grants, _now(), fast=False)
-            async with self._autocommit.connect() as conn:
-                return await self._write_grants(conn, grants, _now(), fast=True)
+            return await self._write_grants(None, grants, _now(), fast=True)
 
     async def record_code_exchange(self, provider: str, auth_code: str, grant: TokenGrant) -> Transition:
         self._cipher.require_keys()  # a missing key fails this call, not a whole batch
@@ -272,13 +271,14 @@ class SqlStore:
         transition: Transition = await self._write("cannot record code exchange", apply)
         return transition
 
-    async def _write_grants(self, conn: AsyncConnection, grants: Sequence[TokenGrant], now: datetime, *,
+    async def _write_grants(self, conn: AsyncConnection | None, grants: Sequence[TokenGrant], now: datetime, *,
                             fast: bool) -> list[Transition]:
         """Every new grant claimed and inserted at once, then the known ones filled in: the same outcome as
         one by one.
 
-        ``fast``: the inserts may take PostgreSQL's fast path (outside ``conn``'s transaction, so only when
-        ``conn`` commits each statement on its own anyway).
+        ``fast``: the inserts take PostgreSQL's fast path, and ``conn`` is None: a connection that commits each
+        statement on its own is opened only if a known grant needs filling in (a batch of new ones, the
+        common case, never checks one out of SQLAlchemy's pool).
         """
         params = [self._grant_params(grant, now) for grant in grants]
         keys = [(p["p_access_token_fingerprint"], p["p_provider"]) for p in params]
@@ -290,6 +290,7 @@ class SqlStore:
         if fast and self._fast_insert is not None:
             inserted = await self._fast_insert.insert(new_rows, now)
         else:
+            assert conn is not None
             inserted = await self._insert_new(conn, new_rows, now)
         transitions: list[Transition | None] = [None] * len(grants)
         known: list[int] = []
@@ -298,6 +299,16 @@ class SqlStore:
                 transitions[index] = _granted(inserted[key], created=True)
             else:  # known before this batch, or a repeat within it: filled in after, status stays
                 known.append(index)
+        if known:
+            if conn is None:
+                async with self._autocommit.connect() as own:
+                    await self._fill_in_grants(own, known, keys, params, transitions)
+            else:
+                await self._fill_in_grants(conn, known, keys, params, transitions)
+        return [transition for transition in transitions if transition is not None]
+
+    async def _fill_in_grants(self, conn: AsyncConnection, known: list[int], keys: list[tuple[str, str]],
+                              params: list[dict[str, Any]], transitions: list[Transition | None]) -> None:
         # Key order: concurrent batches lock rows in the same order, never deadlock.
         for index in sorted(known, key=lambda i: (keys[i], i)):
             row = (await conn.execute(self._fill_in_grant, params[index])).first()
@@ -306,7 +317,6 @@ class SqlStore:
             if row is None:  # pragma: no cover - rows are never deleted
                 raise StoreError("authorization vanished while recording tokens")
             transitions[index] = _granted(row, created=False)
-        return [transition for transition in transitions if transition is not None]
 
     async def _insert_new(self, conn: AsyncConnection, rows: list[dict[str, Any]], now: datetime) -> dict[
             tuple[str, str], Any]:

@@ -318,6 +318,35 @@ def _processed(consumer: Consumer) -> dict[str, int]:
     return counts
 
 
+class Profiler:
+    """py-spy sampling this process while a drain runs (``--profile``): a flame graph per phase."""
+
+    def __init__(self, directory: Path | None, *, raw: bool = False) -> None:
+        self.directory = directory
+        self.raw = raw  # collapsed stacks (<phase>.txt) instead of an SVG
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self, name: str) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        py_spy = Path(sys.executable).with_name("py-spy")
+        output = self.directory / f"{name}.{'txt' if self.raw else 'svg'}"
+        self._process = await asyncio.create_subprocess_exec(
+            str(py_spy), "record", "--nonblocking", "--rate", "250", "--pid", str(os.getpid()),
+            "--format", "raw" if self.raw else "flamegraph", "-o", str(output), stdout=asyncio.subprocess.DEVNULL)
+        await asyncio.sleep(1.0)  # py-spy attaches
+
+    async def stop(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGINT)  # py-spy writes the flame graph on SIGINT
+            await self._process.wait()
+            self._process = None
+
+
+PROFILER = Profiler(None)
+
+
 async def drain_worker(settings: Settings, consumer: Consumer, count: int, name: str, timeout: float) -> Drain:
     """One in-process Workers with the consumer's real handler, until ``count`` are processed."""
     from authnotify.workers.process import Workers
@@ -334,6 +363,7 @@ async def drain_worker(settings: Settings, consumer: Consumer, count: int, name:
         await runtime.start()
         try:
             await runtime.wait_ready(30)
+            await PROFILER.start(name.replace(" ", "-").replace("(", "").replace(")", ""))
             started, cpu_started = time.perf_counter(), time.process_time()
             at_start = sum(_processed(consumer).values()) - before
             deadline = started + timeout
@@ -345,6 +375,7 @@ async def drain_worker(settings: Settings, consumer: Consumer, count: int, name:
             result.seconds = time.perf_counter() - started
             result.cpu_seconds = time.process_time() - cpu_started
             result.messages = count - at_start
+            await PROFILER.stop()
         finally:
             await runtime.stop()
         after = _processed(consumer)
@@ -775,6 +806,7 @@ async def main(args: argparse.Namespace) -> int:
           f"namespace={namespace}  queue={args.queue_type}  messages={args.messages}  phases={','.join(only)}",
           flush=True)
     quiet_logs()
+    PROFILER.directory, PROFILER.raw = args.profile, args.profile_raw
     merchant = await MerchantProcess.start(secret)
     (workdir / "merchants.toml").write_text(
         f'[merchants.default]\nurl = "http://127.0.0.1:{merchant.port}/webhooks"\nsecret = "{secret}"\n')
@@ -906,6 +938,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--database-url", default=os.environ.get(
         "AUTHNOTIFY_TEST_DATABASE_URL", "postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/postgres"),
         help="a PostgreSQL server URL; the run creates (and drops) a database of its own there")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the worker with py-spy during each worker drain: DIR/<phase>.svg "
+                             "(the figures of a profiled run are not comparable)")
+    parser.add_argument("--profile-raw", action="store_true", help="with --profile: collapsed stacks, DIR/<phase>.txt")
     parser.add_argument("--serve-merchant", metavar="SECRET", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = [phase for phase in args.only if phase not in PHASES]
