@@ -53,7 +53,7 @@ class FakeDelivery:
         self.settled = "requeued" if requeue else "rejected"
 
 
-@dataclass
+@dataclass(eq=False)  # a channel is itself, whatever it holds (and keys the runtime's bookkeeping)
 class FakeChannel:
     """Numbers deliveries as a channel does and records the ack and nack frames sent on it."""
 
