@@ -314,7 +314,7 @@ class Settler:
         self.publisher = publisher
         self._pending: list[_Settling] = []
         self._unsettled: dict[Any, set[int]] = {}  # channel -> delivery tags received and not settled
-        self._flushes: set[asyncio.Task[None]] = set()
+        self._flushing: asyncio.Task[None] | None = None
 
     def received(self, delivery: Delivery) -> None:
         """Called for each delivery as it arrives (in delivery-tag order), before it is handled."""
@@ -333,10 +333,8 @@ class Settler:
         """Returns once the follow-ups are confirmed and the message acked; :class:`NotAcked` otherwise."""
         settling = _Settling(delivery, follow_ups, asyncio.get_running_loop().create_future())
         self._pending.append(settling)
-        if len(self._pending) == 1:  # the first of this turn: the flush runs after the others have joined
-            task = asyncio.create_task(self._flush(), name="consumer-settle")
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+        if self._flushing is None:  # none under way: one starts next turn, after the others of this one joined
+            self._flushing = asyncio.create_task(self._flush(), name="consumer-settle")
         await settling.done
 
     async def give_back(self, delivery: Delivery) -> None:
@@ -351,7 +349,16 @@ class Settler:
             tags.discard(delivery.delivery_tag)
 
     async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        # One batch at a time: what settles while one waits for its confirms makes the next (the busier the
+        # worker, the larger the batches, and the fewer the acks).
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._settle_batch(batch)
+        finally:
+            self._flushing = None
+
+    async def _settle_batch(self, batch: list[_Settling]) -> None:
         calls = [(settling, self.publisher.publish(f.message, exchange=f.exchange, routing_key=f.routing_key))
                  for settling in batch for f in settling.follow_ups]
         results = await asyncio.gather(*(call for _, call in calls), return_exceptions=True)
@@ -398,8 +405,8 @@ class Settler:
 
     async def close(self) -> None:
         """Waits for the settlements under way."""
-        if self._flushes:
-            await asyncio.gather(*self._flushes, return_exceptions=True)
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
 
 
 # --- one message, from handler to acknowledgement ------------------------------------------------------

@@ -21,7 +21,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 BATCH_MAX = 128
-FLUSHES_MAX = 2  # transactions in flight: one commits while the next collects
+FLUSHES_MAX = 1  # one transaction in flight: the next batch collects while it commits
 
 
 @dataclass
