@@ -30,7 +30,8 @@ consumer, JSON logs rendered to /dev/null as in production) and the time from "c
 
 CPU is reported per message for each process: the in-process worker (``time.process_time``) for the drains;
 the ingress, worker, merchant and client processes (``/proc/<pid>/stat``) for the end-to-end phases. The last
-line is a one-line summary of the run.
+line is a one-line summary of the run. ``--profile DIR`` samples the worker with py-spy during each worker
+drain (``DIR/<phase>.svg``; ``--profile-raw``: collapsed stacks) - the flame graphs in ``docs/profiles/``.
 
 Goals: token-created (PostgreSQL) >= 2,000 messages/s at <= 3 x the bare consumer's CPU per message;
 merchant-events >= 3,000 messages/s. The machine is shared: compare ratios within one run, not absolute figures
