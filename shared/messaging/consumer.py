@@ -244,7 +244,7 @@ def _processed(queue: str, outcome: str) -> Any:
 
 class NotAcked(Exception):
     """The message was not acknowledged: it is back in the queue, or will be when the connection returns.
-    Its text is the type of the error that stopped it (a publish or an ack that failed)."""
+    Its text says what stopped it: the type of the error of a publish or an ack that failed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +303,10 @@ class _Settling:
 
 
 class Settler:
-    """Settles the messages whose handling ended in the same turn of the event loop together: their
-    follow-ups published at once (frames pipelined, confirms awaited together), then each acked once all of
-    its own are confirmed, with one ``multiple`` ack per run of delivery tags where the broker allows it.
+    """Settles together the messages whose handling ended in the same turn of the event loop, or while the
+    previous settlement waited for its confirms: their follow-ups published at once (frames pipelined,
+    confirms awaited together), then each acked once all of its own are confirmed, with one ``multiple`` ack
+    per run of delivery tags where the broker allows it.
 
     A message whose follow-up failed is requeued alone; the others of its batch are acked as usual.
     """
@@ -354,7 +355,12 @@ class Settler:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                await self._settle_batch(batch)
+                try:
+                    await self._settle_batch(batch)
+                finally:  # whatever stopped it (a cancelled stop, a bug), no message waits forever
+                    for item in batch:
+                        if not item.done.done():
+                            item.done.set_exception(NotAcked("settlement interrupted"))
         finally:
             self._flushing = None
 
