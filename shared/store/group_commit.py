@@ -1,11 +1,11 @@
-"""Group commit: concurrent writes of the same kind share one transaction instead of one each.
+"""Group commit: concurrent writes share one transaction instead of one each.
 
 A worker handles up to its prefetch of messages at once; each asks the store for one write. A flush takes
 what was submitted in the same turn of the event loop (the handlers of one batch of deliveries), and those
-that arrive while flushes are running wait for the next one, so N messages cost one commit (one WAL flush,
-one round trip) instead of N. An idle worker adds no latency: a flush starts on the next turn. When a shared
-flush fails, each of its items is retried alone: one bad write (or a deadlock, or a lost connection) fails
-its own message only.
+that arrive while a flush is running wait for the next one, so N messages cost one commit (one WAL flush,
+one round trip) instead of N, and batches grow with the load. An idle worker adds no latency: a flush
+starts on the next turn. When a shared flush fails, each of its items is retried alone: one bad write (or a
+deadlock, or a lost connection) fails its own message only.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ same transaction, then an ``UPDATE ... RETURNING`` per known one fills in what i
 concurrent writers never deadlock, never hit a unique violation and never both see "new"; a token an
 authorization held before a refresh is known too, so a redelivered TOKEN_CREATED never makes a second one.
 Concurrent ``record_tokens`` calls share that write (:mod:`authnotify.store.group_commit`); on PostgreSQL
-both inserts are one statement of the fast path (:mod:`authnotify.store.postgres`).
+both inserts are one statement of the fast path (:mod:`authnotify.store.postgres`). Every other write of a
+handler (code exchanges, cancellations, the refresh claims and their results, expiries, revocations, command
+outcomes) is group-committed too: the writes submitted together run in one transaction (:meth:`SqlStore._write`).
 
 Rows only ever go active -> canceled or active -> expired; a refresh replaces the token of an active one
 under a short claim (``refresh_claimed_until``) that its worker takes first. The scheduler claims due work
