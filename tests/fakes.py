@@ -31,14 +31,41 @@ class FakeDelivery:
     timestamp: datetime | None = None
     type: str | None = None
     settled: str | None = None  # "ack" or "requeued"
+    delivery_tag: int | None = None  # set by a FakeChannel
+    channel: FakeChannel | None = None
 
-    async def ack(self) -> None:
+    async def ack(self, multiple: bool = False) -> None:
+        if self.channel is not None:
+            self.channel.frames.append(("ack", self.delivery_tag, multiple))
+            if multiple:  # as the broker does: every unsettled delivery up to this one
+                for delivery in self.channel.deliveries:
+                    if delivery.delivery_tag is not None and self.delivery_tag is not None \
+                            and delivery.delivery_tag < self.delivery_tag and delivery.settled is None:
+                        delivery.settled = "ack"
         assert self.settled is None, f"settled twice: {self.settled}, then ack"
         self.settled = "ack"
 
-    async def nack(self, *, requeue: bool = True) -> None:
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        assert not multiple, "the runtime never nacks several at once"
+        if self.channel is not None:
+            self.channel.frames.append(("nack", self.delivery_tag, multiple))
         assert self.settled is None, f"settled twice: {self.settled}, then nack"
         self.settled = "requeued" if requeue else "rejected"
+
+
+@dataclass(eq=False)  # a channel is itself, whatever it holds (and keys the runtime's bookkeeping)
+class FakeChannel:
+    """Numbers deliveries as a channel does and records the ack and nack frames sent on it."""
+
+    deliveries: list[FakeDelivery] = field(default_factory=list)
+    frames: list[tuple[str, int | None, bool]] = field(default_factory=list)
+    is_closed: bool = False
+
+    def deliver(self, delivery: FakeDelivery) -> FakeDelivery:
+        delivery.delivery_tag = len(self.deliveries) + 1
+        delivery.channel = self
+        self.deliveries.append(delivery)
+        return delivery
 
 
 def notification_delivery(body: bytes, *, provider: str = "aps", notify_type: str = "TOKEN_CREATED",

@@ -10,11 +10,14 @@ whose deliveries keep failing has its events held back by its circuit (:mod:`aut
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 from pydantic import ValidationError
+from standardwebhooks import Webhook
 
 from authnotify.config import Settings
 from authnotify.domain.events import MerchantEvent
@@ -49,12 +52,28 @@ async def read_at_most(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER
     return read
 
 
+@functools.cache
+def _webhooks(endpoint: Endpoint) -> tuple[Webhook, ...]:
+    """The entry's signers, made once (each decodes its secret) rather than for every delivery."""
+    return endpoint.webhooks
+
+
+@functools.cache
+def _deliveries(merchant: str, outcome: str) -> Any:
+    return MERCHANT_DELIVERIES.labels(merchant, outcome)
+
+
+@functools.cache
+def _delivery_seconds(merchant: str) -> Any:
+    return MERCHANT_DELIVERY_SECONDS.labels(merchant)
+
+
 def signed_headers(endpoint: Endpoint, event_id: str, payload: bytes, now: datetime | None = None) -> dict[str, str]:
     """The Standard Webhooks headers for one attempt: id, whole-second timestamp, and ``v1,<HMAC>`` by each of
     the entry's secrets, space-separated (a merchant rotating its secret verifies with either)."""
     moment = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     text = payload.decode("utf-8")
-    signature = " ".join(webhook.sign(event_id, moment, text) for webhook in endpoint.webhooks)
+    signature = " ".join(webhook.sign(event_id, moment, text) for webhook in _webhooks(endpoint))
     return {
         "webhook-id": event_id,
         "webhook-timestamp": str(int(moment.timestamp())),
@@ -89,20 +108,20 @@ async def post_event(endpoint: Endpoint, event: MerchantEvent, http: aiohttp.Cli
             status = response.status
             answer_bytes = await read_at_most(response)
     except TimeoutError:
-        MERCHANT_DELIVERIES.labels(endpoint.name, "failed").inc()
+        _deliveries(endpoint.name, "failed").inc()
         raise TransientError(
             f"merchant {endpoint.name!r} did not answer within {DELIVERY_TIMEOUT_SECONDS:g} s"
         ) from None
     except aiohttp.ClientError as exc:
-        MERCHANT_DELIVERIES.labels(endpoint.name, "failed").inc()
+        _deliveries(endpoint.name, "failed").inc()
         raise TransientError(f"merchant {endpoint.name!r} unreachable ({type(exc).__name__})") from None
     finally:
-        MERCHANT_DELIVERY_SECONDS.labels(endpoint.name).observe(time.perf_counter() - started)
+        _delivery_seconds(endpoint.name).observe(time.perf_counter() - started)
 
     if not 200 <= status < 300:
-        MERCHANT_DELIVERIES.labels(endpoint.name, "failed").inc()
+        _deliveries(endpoint.name, "failed").inc()
         raise TransientError(f"merchant {endpoint.name!r} answered HTTP {status}")
-    MERCHANT_DELIVERIES.labels(endpoint.name, "delivered").inc()
+    _deliveries(endpoint.name, "delivered").inc()
     return status, answer_bytes
 
 
@@ -116,7 +135,7 @@ async def handle_merchant_event(
 ) -> None:
     endpoint = registry.endpoint_for(event.data)
     if endpoint is None:
-        MERCHANT_DELIVERIES.labels(NO_MERCHANT, "no_endpoint").inc()
+        _deliveries(NO_MERCHANT, "no_endpoint").inc()
         raise PermanentError(_no_endpoint_reason(event))
     fields = {
         "webhook_id": event.id,
@@ -126,7 +145,7 @@ async def handle_merchant_event(
         "attempt": context.attempt,
     }
     if not endpoint.accepts(event.type):
-        MERCHANT_DELIVERIES.labels(endpoint.name, "filtered").inc()
+        _deliveries(endpoint.name, "filtered").inc()
         annotate(delivery="filtered", **fields)
         return
     if circuits is None:
@@ -136,7 +155,7 @@ async def handle_merchant_event(
             with circuits.attempt(endpoint.name):
                 status, answer_bytes = await post_event(endpoint, event, http)
         except CircuitOpen:
-            MERCHANT_DELIVERIES.labels(endpoint.name, "circuit_open").inc()
+            _deliveries(endpoint.name, "circuit_open").inc()
             raise
     annotate(delivery="delivered", http_status=status, answer_bytes_read=answer_bytes, **fields)
 

@@ -13,6 +13,12 @@ Nothing is acked before its follow-ups are confirmed. When a follow-up cannot be
 trouble), the message is not acked: it is requeued if the channel still works, and otherwise redelivered by
 the broker once the connection is back. So every step is at-least-once, and handlers are idempotent.
 
+Batches: the deliveries of a prefetch window are handled concurrently, each in its own task; their store
+writes meet in one transaction (the store's group commit), and the messages whose handling ends in the same
+turn of the event loop are settled together (:class:`Settler`): every follow-up published at once with the
+confirms awaited together, then one ``basic.ack`` with ``multiple`` per run of consecutive delivery tags
+that all succeeded. A message whose follow-up fails is requeued alone; the others are acked as usual.
+
 :func:`decide` (what should happen) and :class:`DeliveryProcessor` (doing it with a publisher) need no
 broker; :class:`ConsumerRuntime` feeds them deliveries from RabbitMQ.
 """
@@ -26,7 +32,7 @@ import functools
 import inspect
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,8 +96,14 @@ class Delivery(ReceivedMessage, Protocol):
     def redelivered(self) -> bool | None: ...
     @property
     def routing_key(self) -> str | None: ...
-    async def ack(self) -> None: ...
-    async def nack(self, *, requeue: bool = True) -> None: ...
+    @property
+    def delivery_tag(self) -> int | None: ...
+    @property
+    def channel(self) -> Any:
+        """The channel it came on: delivery tags count per channel (a reconnect starts again at 1)."""
+        ...
+    async def ack(self, multiple: bool = False) -> None: ...
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None: ...
 
 
 def message_context(consumer: Consumer, delivery: Delivery) -> MessageContext:
@@ -227,12 +239,193 @@ def _processed(queue: str, outcome: str) -> Any:
     return MESSAGES_PROCESSED.labels(queue=queue, outcome=outcome)
 
 
+# --- settling: follow-ups published together, acknowledgements coalesced -------------------------------
+
+
+class NotAcked(Exception):
+    """The message was not acknowledged: it is back in the queue, or will be when the connection returns.
+    Its text says what stopped it: the type of the error of a publish or an ack that failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class AckFrame:
+    """One frame to send on a channel: ``basic.ack`` (``multiple``: every unsettled tag up to ``tag``) or a
+    ``basic.nack`` that requeues; ``covers`` are the delivery tags it settles."""
+
+    tag: int
+    ack: bool
+    multiple: bool
+    covers: tuple[int, ...]
+
+
+def plan_acknowledgements(settled: Sequence[tuple[int, bool]], unsettled: Set[int]) -> list[AckFrame]:
+    """The frames that settle ``settled`` ((delivery tag, acked?) of one channel), in tag order.
+
+    ``unsettled``: every delivery tag of the channel not acknowledged yet, those of ``settled`` included.
+    A run of consecutive tags to ack (a requeued message ends it) takes one ``multiple`` ack when no tag at or
+    below its end is still unsettled outside it: a message held by another batch is never acked with it.
+    """
+    left = set(unsettled)
+    frames: list[AckFrame] = []
+    run: list[int] = []
+
+    def close_run() -> None:
+        if not run:
+            return
+        members = set(run)
+        below = min((tag for tag in left if tag not in members), default=None)
+        coalesced = [tag for tag in run if below is None or tag < below]
+        if len(coalesced) > 1 and coalesced[-1] - coalesced[0] == len(coalesced) - 1:
+            frames.append(AckFrame(coalesced[-1], True, True, tuple(coalesced)))
+            singles = run[len(coalesced):]
+        else:
+            singles = run
+        frames.extend(AckFrame(tag, True, False, (tag,)) for tag in singles)
+        left.difference_update(run)
+        run.clear()
+
+    for tag, acked in sorted(settled):
+        if acked:
+            run.append(tag)
+        else:
+            close_run()
+            frames.append(AckFrame(tag, False, False, (tag,)))
+            left.discard(tag)
+    close_run()
+    return frames
+
+
+@dataclass(slots=True)
+class _Settling:
+    delivery: Delivery
+    follow_ups: list[FollowUp]
+    done: asyncio.Future[None]
+
+
+class Settler:
+    """Settles together the messages whose handling ended in the same turn of the event loop, or while the
+    previous settlement waited for its confirms: their follow-ups published at once (frames pipelined,
+    confirms awaited together), then each acked once all of its own are confirmed, with one ``multiple`` ack
+    per run of delivery tags where the broker allows it.
+
+    A message whose follow-up failed is requeued alone; the others of its batch are acked as usual.
+    """
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self._pending: list[_Settling] = []
+        self._unsettled: dict[Any, set[int]] = {}  # channel -> delivery tags received and not settled
+        self._flushing: asyncio.Task[None] | None = None
+
+    def received(self, delivery: Delivery) -> None:
+        """Called for each delivery as it arrives (in delivery-tag order), before it is handled."""
+        tag = delivery.delivery_tag
+        if tag is None:
+            return
+        channel = delivery.channel
+        tags = self._unsettled.get(channel)
+        if tags is None:  # a new channel (or a reconnect): the tags of closed ones are void
+            for old in [old for old in self._unsettled if getattr(old, "is_closed", False)]:
+                del self._unsettled[old]
+            tags = self._unsettled[channel] = set()
+        tags.add(tag)
+
+    async def settle(self, delivery: Delivery, follow_ups: list[FollowUp]) -> None:
+        """Returns once the follow-ups are confirmed and the message acked; :class:`NotAcked` otherwise."""
+        settling = _Settling(delivery, follow_ups, asyncio.get_running_loop().create_future())
+        self._pending.append(settling)
+        if self._flushing is None:  # none under way: one starts next turn, after the others of this one joined
+            self._flushing = asyncio.create_task(self._flush(), name="consumer-settle")
+        await settling.done
+
+    async def give_back(self, delivery: Delivery) -> None:
+        """Requeues a message that cannot be settled (best effort: a closed channel gives it back anyway)."""
+        self._forget(delivery)
+        with contextlib.suppress(Exception):
+            await delivery.nack(requeue=True)
+
+    def _forget(self, delivery: Delivery) -> None:
+        tags = self._unsettled.get(delivery.channel)
+        if tags is not None and delivery.delivery_tag is not None:
+            tags.discard(delivery.delivery_tag)
+
+    async def _flush(self) -> None:
+        # One batch at a time: what settles while one waits for its confirms makes the next (the busier the
+        # worker, the larger the batches, and the fewer the acks).
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._settle_batch(batch)
+                finally:  # whatever stopped it (a cancelled stop, a bug), no message waits forever
+                    for item in batch:
+                        if not item.done.done():
+                            item.done.set_exception(NotAcked("settlement interrupted"))
+        finally:
+            self._flushing = None
+
+    async def _settle_batch(self, batch: list[_Settling]) -> None:
+        calls = [(settling, self.publisher.publish(f.message, exchange=f.exchange, routing_key=f.routing_key))
+                 for settling in batch for f in settling.follow_ups]
+        results = await asyncio.gather(*(call for _, call in calls), return_exceptions=True)
+        failures: dict[int, BaseException] = {}
+        for (settling, _), result in zip(calls, results, strict=True):
+            if isinstance(result, BaseException):
+                failures.setdefault(id(settling), result)
+        by_channel: dict[Any, list[_Settling]] = {}
+        for settling in batch:
+            by_channel.setdefault(settling.delivery.channel, []).append(settling)
+        for channel, items in by_channel.items():
+            await self._acknowledge(channel, items, failures)
+
+    async def _acknowledge(self, channel: Any, items: list[_Settling], failures: dict[int, BaseException]) -> None:
+        untagged = [item for item in items if item.delivery.delivery_tag is None]
+        tagged = {item.delivery.delivery_tag: item for item in items if item.delivery.delivery_tag is not None}
+        unsettled = self._unsettled.get(channel, set())
+        frames = plan_acknowledgements([(tag, id(item) not in failures) for tag, item in tagged.items()],
+                                       unsettled | tagged.keys())
+        frames.extend(AckFrame(0, id(item) not in failures, False, ()) for item in untagged)
+        untagged_items = iter(untagged)
+        for frame in frames:
+            covered = [tagged[tag] for tag in frame.covers] if frame.covers else [next(untagged_items)]
+            sender = covered[-1].delivery
+            error: BaseException | None = None
+            try:
+                if frame.ack:
+                    await sender.ack(multiple=frame.multiple)
+                else:
+                    await sender.nack(requeue=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # channel or connection gone: the broker redelivers
+                error = exc
+            unsettled.difference_update(frame.covers)
+            for item in covered:
+                failure = failures.get(id(item)) or error
+                if item.done.done():  # its task was cancelled meanwhile (a drain timeout)
+                    continue
+                if failure is None:
+                    item.done.set_result(None)
+                else:
+                    item.done.set_exception(NotAcked(type(failure).__name__))
+
+    async def close(self) -> None:
+        """Waits for the settlements under way."""
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+
+
+# --- one message, from handler to acknowledgement ------------------------------------------------------
+
+
 class DeliveryProcessor:
-    """Takes one delivery from handler to acknowledgement, publishing its follow-ups through ``publisher``."""
+    """Takes each delivery from handler to acknowledgement; messages that finish together are settled
+    together (:class:`Settler`), through ``publisher``."""
 
     def __init__(self, topology: Topology, publisher: Publisher) -> None:
         self.topology = topology
         self.publisher = publisher
+        self.settler = Settler(publisher)
 
     async def process(self, spec: ConsumerSpec, delivery: Delivery) -> Outcome | None:
         """Returns the outcome, or None when the message went back to the queue unacknowledged."""
@@ -248,19 +441,19 @@ class DeliveryProcessor:
             decision = await decide(spec, delivery.body, context, self.topology.max_attempts(spec.consumer))
             tracing.record_outcome(decision.outcome.value, failed=decision.outcome is not Outcome.OK)
             try:
-                for follow_up in follow_ups(decision, delivery, context, self.topology):
-                    await self.publisher.publish(follow_up.message, exchange=follow_up.exchange,
-                                                 routing_key=follow_up.routing_key)
-                await delivery.ack()
+                try:
+                    planned = follow_ups(decision, delivery, context, self.topology)
+                except Exception:
+                    await self.settler.give_back(delivery)
+                    raise
+                await self.settler.settle(delivery, planned)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # Not acked: the broker gives the message back (now, or when the connection returns).
                 log.warning("message_requeued", outcome=decision.outcome.value, reason=decision.reason,
-                            error=f"{type(exc).__name__}")
+                            error=str(exc) if isinstance(exc, NotAcked) else type(exc).__name__)
                 tracing.record_outcome("requeued", failed=True)
-                with contextlib.suppress(Exception):
-                    await delivery.nack(requeue=True)
                 return None
             finally:
                 _handling_seconds(queue_label).observe(time.perf_counter() - started)
@@ -378,6 +571,7 @@ class ConsumerRuntime:
             for task in list(self._inflight):
                 task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.processor.settler.close()
         for state in self._consumers:
             if state.channel is not None:
                 with contextlib.suppress(Exception):
@@ -394,6 +588,7 @@ class ConsumerRuntime:
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
                 return
+            self.processor.settler.received(message)
             task = asyncio.current_task()
             assert task is not None
             self._inflight.add(task)

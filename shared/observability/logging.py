@@ -24,16 +24,36 @@ from authnotify.observability import tracing
 from authnotify.observability.redaction import (
     REDACTED,
     is_secret_field,
+    longest_first,
     mask_secret_text,
-    mask_secret_values,
+    mask_values,
     redact,
+    secret_values,
 )
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
-# The raw body of the message this task is handling: its secret values are masked in tracebacks and in any
-# line logged meanwhile. Bytes are kept, not parsed, until a line with free text needs them.
-_handled_body: ContextVar[bytes | None] = ContextVar("authnotify_handled_body", default=None)
+
+
+class _HandledBody:
+    """The raw body of the message a task is handling; its secret values, found on the first line that
+    needs them and kept for the others (a message's every line would otherwise parse its JSON again)."""
+
+    __slots__ = ("body", "_secrets")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self._secrets: list[str] | None = None
+
+    def mask(self, text: str) -> str:
+        if self._secrets is None:
+            self._secrets = longest_first(secret_values(self.body))
+        return mask_values(text, self._secrets)
+
+
+# The message this task is handling: its secret values are masked in tracebacks and in any line logged
+# meanwhile. Bytes are kept, not parsed, until a line with free text needs them.
+_handled_body: ContextVar[_HandledBody | None] = ContextVar("authnotify_handled_body", default=None)
 
 # Libraries that narrate what our own lines already say (every reconnect attempt of aio-pika is an ERROR
 # of aiormq while the broker is down: `broker_unreachable` says it once): silent unless the level is debug,
@@ -47,7 +67,7 @@ _FREE_TEXT_FIELDS = ("event", "exception", "error", "detail", "reason")
 @contextmanager
 def handling_body(body: bytes) -> Iterator[None]:
     """While handling a message: mask its secret values in every line logged meanwhile."""
-    token = _handled_body.set(body)
+    token = _handled_body.set(_HandledBody(body))
     try:
         yield
     finally:
@@ -74,7 +94,7 @@ def redact_text(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]
         if isinstance(value, str) and value:
             value = mask_secret_text(value)
             if body is not None:
-                value = mask_secret_values(value, body)
+                value = body.mask(value)
             event_dict[key] = value
     return event_dict
 

@@ -71,7 +71,17 @@ def secret_values(body: bytes) -> list[str]:
 
 def mask_secret_values(text: str, body: bytes) -> str:
     """``text`` with every secret value that ``body`` holds replaced by the marker."""
-    for secret in sorted(secret_values(body), key=len, reverse=True):
+    return mask_values(text, longest_first(secret_values(body)))
+
+
+def longest_first(secrets: list[str]) -> list[str]:
+    """A secret that contains another is masked before it (or a piece of it would show)."""
+    return sorted(secrets, key=len, reverse=True)
+
+
+def mask_values(text: str, secrets: list[str]) -> str:
+    """``text`` with each of ``secrets`` (longest first) replaced by the marker."""
+    for secret in secrets:
         text = text.replace(secret, REDACTED)
     return text
 

@@ -1,10 +1,11 @@
-"""Group commit: concurrent writes of the same kind share one transaction instead of one each.
+"""Group commit: concurrent writes share one transaction instead of one each.
 
-A worker handles up to its prefetch of messages at once; each asks the store for one write. Here those that
-arrive while a flush is running wait for the next one, so N messages cost one commit (one WAL flush, one
-round trip) instead of N. A call that finds no flush running is flushed at once, so an idle worker adds no
-latency. When a shared flush fails, each of its items is retried alone: one bad write (or a deadlock, or
-a lost connection) fails its own message only.
+A worker handles up to its prefetch of messages at once; each asks the store for one write. A flush takes
+what was submitted in the same turn of the event loop (the handlers of one batch of deliveries), and those
+that arrive while a flush is running wait for the next one, so N messages cost one commit (one WAL flush,
+one round trip) instead of N, and batches grow with the load. An idle worker adds no latency: a flush
+starts on the next turn. When a shared flush fails, each of its items is retried alone: one bad write (or a
+deadlock, or a lost connection) fails its own message only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 BATCH_MAX = 128
-FLUSHES_MAX = 2  # transactions in flight: one commits while the next collects
+FLUSHES_MAX = 1  # one transaction in flight: the next batch collects while it commits
 
 
 @dataclass
@@ -49,6 +50,7 @@ class GroupCommit(Generic[Item, Result]):
         self._flushes_max = flushes_max
         self._pending: list[_Pending[Item, Result]] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._collecting = False  # a flush is started and takes its batch on its first step
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -57,18 +59,26 @@ class GroupCommit(Generic[Item, Result]):
         return await future
 
     def _start_flushes(self) -> None:
-        while self._pending and len(self._flushes) < self._flushes_max:
-            batch = self._pending[:self._batch_max]
-            del self._pending[:self._batch_max]
-            task = asyncio.create_task(self._run(batch), name=self._name)
+        if self._pending and not self._collecting and len(self._flushes) < self._flushes_max:
+            self._collecting = True
+            task = asyncio.create_task(self._run(), name=self._name)
             self._flushes.add(task)
             task.add_done_callback(self._flush_done)
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)
+        if task.cancelled():  # perhaps before its first step: it took nothing
+            self._collecting = False
         self._start_flushes()
 
-    async def _run(self, batch: list[_Pending[Item, Result]]) -> None:
+    async def _run(self) -> None:
+        # The items submitted in the turn this task was created in (and any still waiting) are ours.
+        self._collecting = False
+        batch = self._pending[:self._batch_max]
+        del self._pending[:self._batch_max]
+        self._start_flushes()  # more than a batch waiting: the next flush may start alongside
+        if not batch:
+            return
         try:
             await self._run_now(batch)
         except BaseException:  # cancelled (shutdown): no caller may wait forever

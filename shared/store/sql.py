@@ -8,7 +8,9 @@ same transaction, then an ``UPDATE ... RETURNING`` per known one fills in what i
 concurrent writers never deadlock, never hit a unique violation and never both see "new"; a token an
 authorization held before a refresh is known too, so a redelivered TOKEN_CREATED never makes a second one.
 Concurrent ``record_tokens`` calls share that write (:mod:`authnotify.store.group_commit`); on PostgreSQL
-both inserts are one statement of the fast path (:mod:`authnotify.store.postgres`).
+both inserts are one statement of the fast path (:mod:`authnotify.store.postgres`). Every other write of a
+handler (code exchanges, cancellations, the refresh claims and their results, expiries, revocations, command
+outcomes) is group-committed too: the writes submitted together run in one transaction (:meth:`SqlStore._write`).
 
 Rows only ever go active -> canceled or active -> expired; a refresh replaces the token of an active one
 under a short claim (``refresh_claimed_until``) that its worker takes first. The scheduler claims due work
@@ -18,8 +20,9 @@ with ``FOR UPDATE SKIP LOCKED`` and a lease (``scheduler_claimed_at``) on Postgr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -97,6 +100,14 @@ def _ended(row: Any, changed: bool) -> Transition:
 def _present(values: dict[str, Any]) -> dict[str, Any]:
     """Only what a message knows: an absent field never erases a known one."""
     return {key: value for key, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One write of a handler: what it does on a connection inside the batch's transaction."""
+
+    action: str  # "cannot record cancellation": what a failure says
+    apply: Callable[[AsyncConnection], Awaitable[Any]]
 
 
 class _Due:
@@ -183,6 +194,7 @@ class SqlStore:
                              else NewGrantInserter(postgres_target(parse_url(database_url)), self._where))
         self._grants: GroupCommit[TokenGrant, Transition] = GroupCommit(self._record_grants,
                                                                         name="store-record-tokens")
+        self._writes: GroupCommit[_Write, Any] = GroupCommit(self._apply_writes, name="store-writes")
 
     @classmethod
     async def connect(cls, database_url: str, token_keys: TokenKeys | None, *, migrate: bool = True) -> SqlStore:
@@ -206,6 +218,7 @@ class SqlStore:
 
     async def close(self) -> None:
         await self._grants.close()
+        await self._writes.close()
         if self._fast_insert is not None:
             await self._fast_insert.close()
         await self._engine.dispose()
@@ -219,6 +232,18 @@ class SqlStore:
 
     # --- writes: what notifications tell us ------------------------------------------------------------
 
+    async def _write(self, action: str, apply: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
+        """Runs ``apply`` in the transaction of every write submitted in the same turn (group commit); returns
+        once that transaction is committed. A failed batch is retried one write at a time, so an error (or a
+        refused write) fails its own caller only."""
+        return await self._writes.submit(_Write(action, apply))
+
+    async def _apply_writes(self, writes: Sequence[_Write]) -> list[Any]:
+        action = writes[0].action if len(writes) == 1 else f"cannot record {len(writes)} writes"
+        with self._errors(action):
+            async with self._engine.begin() as conn:
+                return [await write.apply(conn) for write in writes]
+
     async def record_tokens(self, grant: TokenGrant) -> Transition:
         """Returns once the effect is committed; concurrent calls are committed together (group commit)."""
         self._cipher.require_keys()  # a missing key fails this call, not a whole batch
@@ -229,29 +254,33 @@ class SqlStore:
             if self._sqlite:  # the two inserts of new authorizations must commit together
                 async with self._engine.begin() as conn:
                     return await self._write_grants(conn, grants, _now(), fast=False)
-            async with self._autocommit.connect() as conn:
-                return await self._write_grants(conn, grants, _now(), fast=True)
+            return await self._write_grants(None, grants, _now(), fast=True)
 
     async def record_code_exchange(self, provider: str, auth_code: str, grant: TokenGrant) -> Transition:
+        self._cipher.require_keys()  # a missing key fails this call, not a whole batch
         now = _now()
-        with self._errors("cannot record code exchange"):
-            async with self._engine.begin() as conn:
-                (transition,) = await self._write_grants(conn, [grant], now, fast=False)
-                await conn.execute(
-                    self._insert(code_exchanges)
-                    .values(code_hash=code_hash(provider, auth_code), provider=provider,
-                            access_token_fingerprint=grant.fingerprint, exchanged_at=now)
-                    .on_conflict_do_nothing(index_elements=[code_exchanges.c.code_hash])
-                )
+
+        async def apply(conn: AsyncConnection) -> Transition:
+            (transition,) = await self._write_grants(conn, [grant], now, fast=False)
+            await conn.execute(
+                self._insert(code_exchanges)
+                .values(code_hash=code_hash(provider, auth_code), provider=provider,
+                        access_token_fingerprint=grant.fingerprint, exchanged_at=now)
+                .on_conflict_do_nothing(index_elements=[code_exchanges.c.code_hash])
+            )
+            return transition
+
+        transition: Transition = await self._write("cannot record code exchange", apply)
         return transition
 
-    async def _write_grants(self, conn: AsyncConnection, grants: Sequence[TokenGrant], now: datetime, *,
+    async def _write_grants(self, conn: AsyncConnection | None, grants: Sequence[TokenGrant], now: datetime, *,
                             fast: bool) -> list[Transition]:
         """Every new grant claimed and inserted at once, then the known ones filled in: the same outcome as
         one by one.
 
-        ``fast``: the inserts may take PostgreSQL's fast path (outside ``conn``'s transaction, so only when
-        ``conn`` commits each statement on its own anyway).
+        ``fast``: the inserts take PostgreSQL's fast path, and ``conn`` is None: a connection that commits each
+        statement on its own is opened only if a known grant needs filling in (a batch of new ones, the
+        common case, never checks one out of SQLAlchemy's pool).
         """
         params = [self._grant_params(grant, now) for grant in grants]
         keys = [(p["p_access_token_fingerprint"], p["p_provider"]) for p in params]
@@ -263,6 +292,7 @@ class SqlStore:
         if fast and self._fast_insert is not None:
             inserted = await self._fast_insert.insert(new_rows, now)
         else:
+            assert conn is not None
             inserted = await self._insert_new(conn, new_rows, now)
         transitions: list[Transition | None] = [None] * len(grants)
         known: list[int] = []
@@ -271,6 +301,16 @@ class SqlStore:
                 transitions[index] = _granted(inserted[key], created=True)
             else:  # known before this batch, or a repeat within it: filled in after, status stays
                 known.append(index)
+        if known:
+            if conn is None:
+                async with self._autocommit.connect() as own:
+                    await self._fill_in_grants(own, known, keys, params, transitions)
+            else:
+                await self._fill_in_grants(conn, known, keys, params, transitions)
+        return [transition for transition in transitions if transition is not None]
+
+    async def _fill_in_grants(self, conn: AsyncConnection, known: list[int], keys: list[tuple[str, str]],
+                              params: list[dict[str, Any]], transitions: list[Transition | None]) -> None:
         # Key order: concurrent batches lock rows in the same order, never deadlock.
         for index in sorted(known, key=lambda i: (keys[i], i)):
             row = (await conn.execute(self._fill_in_grant, params[index])).first()
@@ -279,7 +319,6 @@ class SqlStore:
             if row is None:  # pragma: no cover - rows are never deleted
                 raise StoreError("authorization vanished while recording tokens")
             transitions[index] = _granted(row, created=False)
-        return [transition for transition in transitions if transition is not None]
 
     async def _insert_new(self, conn: AsyncConnection, rows: list[dict[str, Any]], now: datetime) -> dict[
             tuple[str, str], Any]:
@@ -330,39 +369,42 @@ class SqlStore:
         })
         cancel_fields = {"token_cancel_source": cancel.token_cancel_source, "cancel_reason": cancel.reason}
         authorization_id = new_authorization_id()
-        with self._errors("cannot record cancellation"):
-            async with self._engine.begin() as conn:
-                # No authorization ever held it: a tombstone, so a TOKEN_CREATED that arrives later cannot
-                # activate it.
-                claimed = (await conn.execute(self._claim_tokens, {
-                    "p_access_token_fingerprint": fingerprint, "p_provider": cancel.provider,
-                    "p_authorization_id": authorization_id, "p_generation": 0, "p_recorded_at": now,
-                })).first()
-                if claimed is not None:
-                    tombstone = a.insert().values(
-                        authorization_id=authorization_id, provider=cancel.provider,
-                        access_token_fingerprint=fingerprint, first_access_token_fingerprint=fingerprint,
-                        status=STATUS_CANCELED, access_token_encrypted=encrypted_token, created_at=now,
-                        updated_at=now, canceled_at=now, **known, **cancel_fields,
-                    ).returning(*_COLUMNS)
-                    return _ended((await conn.execute(tombstone)).one(), changed=True)
-                holder = (await conn.execute(
-                    select(t.c.authorization_id).where((t.c.provider == cancel.provider)
-                                                       & (t.c.access_token_fingerprint == fingerprint))
-                )).scalar_one()
-                cancel_active = (
-                    a.update()
-                    .where((a.c.authorization_id == holder) & (a.c.status == STATUS_ACTIVE))
-                    .values(status=STATUS_CANCELED, canceled_at=now, updated_at=now, refresh_claimed_until=None,
-                            **known, **cancel_fields)
-                    .returning(*_COLUMNS)
-                )
-                row = (await conn.execute(cancel_active)).first()
-                if row is not None:
-                    return _ended(row, changed=True)
-                # Already canceled (or expired): the first ending's facts and time stand.
-                row = (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == holder))).one()
-        return _ended(row, changed=False)
+
+        async def apply(conn: AsyncConnection) -> Transition:
+            # No authorization ever held it: a tombstone, so a TOKEN_CREATED that arrives later cannot
+            # activate it.
+            claimed = (await conn.execute(self._claim_tokens, {
+                "p_access_token_fingerprint": fingerprint, "p_provider": cancel.provider,
+                "p_authorization_id": authorization_id, "p_generation": 0, "p_recorded_at": now,
+            })).first()
+            if claimed is not None:
+                tombstone = a.insert().values(
+                    authorization_id=authorization_id, provider=cancel.provider,
+                    access_token_fingerprint=fingerprint, first_access_token_fingerprint=fingerprint,
+                    status=STATUS_CANCELED, access_token_encrypted=encrypted_token, created_at=now,
+                    updated_at=now, canceled_at=now, **known, **cancel_fields,
+                ).returning(*_COLUMNS)
+                return _ended((await conn.execute(tombstone)).one(), changed=True)
+            holder = (await conn.execute(
+                select(t.c.authorization_id).where((t.c.provider == cancel.provider)
+                                                   & (t.c.access_token_fingerprint == fingerprint))
+            )).scalar_one()
+            cancel_active = (
+                a.update()
+                .where((a.c.authorization_id == holder) & (a.c.status == STATUS_ACTIVE))
+                .values(status=STATUS_CANCELED, canceled_at=now, updated_at=now, refresh_claimed_until=None,
+                        **known, **cancel_fields)
+                .returning(*_COLUMNS)
+            )
+            row = (await conn.execute(cancel_active)).first()
+            if row is not None:
+                return _ended(row, changed=True)
+            # Already canceled (or expired): the first ending's facts and time stand.
+            row = (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == holder))).one()
+            return _ended(row, changed=False)
+
+        transition: Transition = await self._write("cannot record cancellation", apply)
+        return transition
 
     # --- writes: the lifecycle ------------------------------------------------------------------------
 
@@ -376,12 +418,14 @@ class SqlStore:
             .values(refresh_claimed_until=until)
             .returning(*_COLUMNS)
         )
-        with self._errors("cannot claim refresh"):
-            async with self._autocommit.connect() as conn:
-                row = (await conn.execute(claim)).first()
-                claimed = row is not None
-                if row is None:
-                    row = (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == authorization_id))).first()
+
+        async def apply(conn: AsyncConnection) -> tuple[Any, bool]:
+            row = (await conn.execute(claim)).first()
+            if row is not None:
+                return row, True
+            return (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == authorization_id))).first(), False
+
+        row, claimed = await self._write("cannot claim refresh", apply)
         if row is None:
             return RefreshClaim(ClaimOutcome.UNKNOWN)
         data = authorization_data(row)
@@ -397,50 +441,56 @@ class SqlStore:
         released: dict[str, Any] = {"refresh_claimed_until": None}
         if request_done:
             released["refresh_requested_at"] = None
-        with self._errors("cannot release refresh"):
-            async with self._autocommit.connect() as conn:
-                await conn.execute(a.update().where(a.c.authorization_id == authorization_id).values(**released))
+        release = a.update().where(a.c.authorization_id == authorization_id).values(**released)
+
+        async def apply(conn: AsyncConnection) -> None:
+            await conn.execute(release)
+
+        await self._write("cannot release refresh", apply)
 
     async def record_refresh(self, authorization_id: str, fingerprint: str, grant: TokenGrant) -> Transition:
         self._cipher.require_keys()
         now = _now()
         generation = (select(func.coalesce(func.max(t.c.generation), 0) + 1)
                       .where(t.c.authorization_id == authorization_id).scalar_subquery())
-        with self._errors("cannot record refresh"):
-            async with self._engine.begin() as conn:
-                row = (await conn.execute(
-                    a.update()
-                    .where((a.c.authorization_id == authorization_id) & (a.c.status == STATUS_ACTIVE)
-                           & (a.c.access_token_fingerprint == fingerprint))
-                    .values(access_token_fingerprint=grant.fingerprint,
-                            access_token_encrypted=self._cipher.encrypt(grant.access_token),
-                            access_token_expires_at=grant.access_token_expiry_time,
-                            # An answer without a new refresh token leaves the one we hold in place.
-                            refresh_token_encrypted=func.coalesce(
-                                literal(self._cipher.encrypt_optional(grant.refresh_token),
-                                        type_=a.c.refresh_token_encrypted.type),
-                                a.c.refresh_token_encrypted),
-                            refresh_token_expires_at=func.coalesce(
-                                literal(grant.refresh_token_expiry_time, type_=a.c.refresh_token_expires_at.type),
-                                a.c.refresh_token_expires_at),
-                            customer_id=func.coalesce(literal(grant.customer_id, type_=a.c.customer_id.type),
-                                                      a.c.customer_id),
-                            user_login_id=func.coalesce(literal(grant.user_login_id, type_=a.c.user_login_id.type),
-                                                        a.c.user_login_id),
-                            refresh_claimed_until=None, refresh_requested_at=None, updated_at=now)
-                    .returning(*_COLUMNS)
-                )).first()
-                if row is None:  # canceled meanwhile, or refreshed by another: what is there stands
-                    current = (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == authorization_id))).first()
-                    if current is None:
-                        raise StoreError(f"no authorization {authorization_id}")
-                    return Transition(authorization_data(current), False, current.updated_at, grant.fingerprint)
-                # An answer repeating the token it replaces adds no new token to the history.
-                await conn.execute(self._insert(t).values(
-                    access_token_fingerprint=grant.fingerprint, provider=row.provider,
-                    authorization_id=authorization_id, generation=generation, recorded_at=now,
-                ).on_conflict_do_nothing(index_elements=list(_TOKEN_KEY)))
-        return Transition(authorization_data(row), True, now, grant.fingerprint)
+
+        async def apply(conn: AsyncConnection) -> Transition:
+            row = (await conn.execute(
+                a.update()
+                .where((a.c.authorization_id == authorization_id) & (a.c.status == STATUS_ACTIVE)
+                       & (a.c.access_token_fingerprint == fingerprint))
+                .values(access_token_fingerprint=grant.fingerprint,
+                        access_token_encrypted=self._cipher.encrypt(grant.access_token),
+                        access_token_expires_at=grant.access_token_expiry_time,
+                        # An answer without a new refresh token leaves the one we hold in place.
+                        refresh_token_encrypted=func.coalesce(
+                            literal(self._cipher.encrypt_optional(grant.refresh_token),
+                                    type_=a.c.refresh_token_encrypted.type),
+                            a.c.refresh_token_encrypted),
+                        refresh_token_expires_at=func.coalesce(
+                            literal(grant.refresh_token_expiry_time, type_=a.c.refresh_token_expires_at.type),
+                            a.c.refresh_token_expires_at),
+                        customer_id=func.coalesce(literal(grant.customer_id, type_=a.c.customer_id.type),
+                                                  a.c.customer_id),
+                        user_login_id=func.coalesce(literal(grant.user_login_id, type_=a.c.user_login_id.type),
+                                                    a.c.user_login_id),
+                        refresh_claimed_until=None, refresh_requested_at=None, updated_at=now)
+                .returning(*_COLUMNS)
+            )).first()
+            if row is None:  # canceled meanwhile, or refreshed by another: what is there stands
+                current = (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == authorization_id))).first()
+                if current is None:
+                    raise StoreError(f"no authorization {authorization_id}")
+                return Transition(authorization_data(current), False, current.updated_at, grant.fingerprint)
+            # An answer repeating the token it replaces adds no new token to the history.
+            await conn.execute(self._insert(t).values(
+                access_token_fingerprint=grant.fingerprint, provider=row.provider,
+                authorization_id=authorization_id, generation=generation, recorded_at=now,
+            ).on_conflict_do_nothing(index_elements=list(_TOKEN_KEY)))
+            return Transition(authorization_data(row), True, now, grant.fingerprint)
+
+        transition: Transition = await self._write("cannot record refresh", apply)
+        return transition
 
     async def refresh_after(self, authorization_id: str, fingerprint: str) -> Transition | None:
         replaced = t.alias("replaced")
@@ -481,15 +531,17 @@ class SqlStore:
         return await self._end(cancel, authorization_id, "cannot record revocation")
 
     async def _end(self, statement: Any, authorization_id: str, action: str) -> Transition:
-        with self._errors(action):
-            async with self._autocommit.connect() as conn:
-                row = (await conn.execute(statement)).first()
-                if row is not None:
-                    return _ended(row, changed=True)
-                row = (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == authorization_id))).first()
-        if row is None:
-            raise StoreError(f"no authorization {authorization_id}")
-        return _ended(row, changed=False)
+        async def apply(conn: AsyncConnection) -> Transition:
+            row = (await conn.execute(statement)).first()
+            if row is not None:
+                return _ended(row, changed=True)
+            row = (await conn.execute(select(*_COLUMNS).where(a.c.authorization_id == authorization_id))).first()
+            if row is None:
+                raise StoreError(f"no authorization {authorization_id}")
+            return _ended(row, changed=False)
+
+        transition: Transition = await self._write(action, apply)
+        return transition
 
     # --- the scheduler's claims -------------------------------------------------------------------------
 
@@ -605,9 +657,11 @@ class SqlStore:
         upsert = self._insert(commands).values(values)
         upsert = upsert.on_conflict_do_update(index_elements=[commands.c.command_id],
                                               set_={k: v for k, v in values.items() if k != "command_id"})
-        with self._errors("cannot record command outcome"):
-            async with self._autocommit.connect() as conn:
-                await conn.execute(upsert)
+
+        async def apply(conn: AsyncConnection) -> None:
+            await conn.execute(upsert)
+
+        await self._write("cannot record command outcome", apply)
 
     async def command(self, command_id: str) -> CommandOutcome | None:
         with self._errors("cannot read command"):

@@ -28,8 +28,14 @@ consumer, JSON logs rendered to /dev/null as in production) and the time from "c
   accessTokenFingerprint), so a late send still counts. A few notifications go through first, unmeasured, so
   a fresh pipeline is warm.
 
-Goal: token-created (PostgreSQL) and merchant-events >= 1,000 messages/s with one process and >= 0.5 x the bare
-consumer. The machine is shared: compare ratios within one run, not absolute figures across runs.
+CPU is reported per message for each process: the in-process worker (``time.process_time``) for the drains;
+the ingress, worker, merchant and client processes (``/proc/<pid>/stat``) for the end-to-end phases. The last
+line is a one-line summary of the run. ``--profile DIR`` samples the worker with py-spy during each worker
+drain (``DIR/<phase>.svg``; ``--profile-raw``: collapsed stacks) - the flame graphs in ``docs/profiles/``.
+
+Goals: token-created (PostgreSQL) >= 2,000 messages/s at <= 3 x the bare consumer's CPU per message;
+merchant-events >= 3,000 messages/s. The machine is shared: compare ratios within one run, not absolute figures
+across runs.
 """
 
 from __future__ import annotations
@@ -64,7 +70,6 @@ from authnotify.domain.merchants import generate_secret
 from authnotify.messaging import headers as h
 from authnotify.messaging.topology import (
     Consumer,
-    QueueType,
     Topology,
     build_topology,
     declare_topology,
@@ -81,7 +86,9 @@ OPEN_LOOP_WARMUP = 50  # notifications through the pipeline before the open loop
 AMS_PATH, APS_PATH = "/ams/notifyAuthorization", "/aps/api/v1/authorizations/authNotify"
 AMS_CLIENT_ID, APS_CLIENT_ID = "SANDBOX_BENCH_AMS", "2188120000000000"
 PRELOAD_WINDOW = 500  # unconfirmed publishes in flight while pre-loading
-GOAL_RATE, GOAL_RATIO = 1000.0, 0.5
+# Issue 11's goals for the drains: messages/s, and the token-created CPU per message against the bare consumer's.
+GOAL_RATES = {"postgresql": 2000.0, "merchant-events": 3000.0}
+GOAL_CPU_RATIO = 3.0
 
 
 # --- the merchant endpoint, in a process of its own ----------------------------------------------
@@ -297,6 +304,11 @@ class Drain:
     def rate(self) -> float:
         return self.messages / self.seconds if self.seconds else 0.0
 
+    @property
+    def cpu_per_message(self) -> float:
+        """Seconds of this process's CPU per message."""
+        return self.cpu_seconds / self.messages if self.messages else float("nan")
+
 
 def _processed(consumer: Consumer) -> dict[str, int]:
     counts: dict[str, int] = {}
@@ -305,6 +317,35 @@ def _processed(consumer: Consumer) -> dict[str, int]:
             if sample.name.endswith("_total") and sample.labels.get("queue") == consumer.value:
                 counts[sample.labels["outcome"]] = int(sample.value)
     return counts
+
+
+class Profiler:
+    """py-spy sampling this process while a drain runs (``--profile``): a flame graph per phase."""
+
+    def __init__(self, directory: Path | None, *, raw: bool = False) -> None:
+        self.directory = directory
+        self.raw = raw  # collapsed stacks (<phase>.txt) instead of an SVG
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self, name: str) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        py_spy = Path(sys.executable).with_name("py-spy")
+        output = self.directory / f"{name}.{'txt' if self.raw else 'svg'}"
+        self._process = await asyncio.create_subprocess_exec(
+            str(py_spy), "record", "--nonblocking", "--rate", "250", "--pid", str(os.getpid()),
+            "--format", "raw" if self.raw else "flamegraph", "-o", str(output), stdout=asyncio.subprocess.DEVNULL)
+        await asyncio.sleep(1.0)  # py-spy attaches
+
+    async def stop(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGINT)  # py-spy writes the flame graph on SIGINT
+            await self._process.wait()
+            self._process = None
+
+
+PROFILER = Profiler(None)
 
 
 async def drain_worker(settings: Settings, consumer: Consumer, count: int, name: str, timeout: float) -> Drain:
@@ -323,6 +364,7 @@ async def drain_worker(settings: Settings, consumer: Consumer, count: int, name:
         await runtime.start()
         try:
             await runtime.wait_ready(30)
+            await PROFILER.start(name.replace(" ", "-").replace("(", "").replace(")", ""))
             started, cpu_started = time.perf_counter(), time.process_time()
             at_start = sum(_processed(consumer).values()) - before
             deadline = started + timeout
@@ -334,6 +376,7 @@ async def drain_worker(settings: Settings, consumer: Consumer, count: int, name:
             result.seconds = time.perf_counter() - started
             result.cpu_seconds = time.process_time() - cpu_started
             result.messages = count - at_start
+            await PROFILER.stop()
         finally:
             await runtime.stop()
         after = _processed(consumer)
@@ -376,6 +419,39 @@ async def drain_bare(url: str, topology: Topology, consumer: Consumer, count: in
 
 # --- end to end --------------------------------------------------------------------------------------
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far, from /proc (Linux), including its reaped children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After "(comm)": state is field 3; utime, stime, cutime, cstime are fields 14-17 of the whole line.
+    return sum(int(value) for value in fields[11:15]) / _CLOCK_TICKS
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds each process of the end-to-end pipeline used between :meth:`start` and :meth:`stop`."""
+
+    pids: dict[str, int]
+    used: dict[str, float] = field(default_factory=dict)
+    _started: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self._started = {name: self._read(name) for name in self.pids}
+
+    def stop(self) -> None:
+        self.used = {name: self._read(name) - self._started[name] for name in self.pids}
+
+    def _read(self, name: str) -> float:
+        if name == "client":
+            return time.process_time()
+        return process_cpu_seconds(self.pids[name])
+
+    def per_message_ms(self, messages: int) -> str:
+        return "  ".join(f"{name} {seconds * 1000 / messages:.3f}" for name, seconds in self.used.items()) \
+            if messages else "-"
+
 
 @dataclass
 class EndToEnd:
@@ -385,6 +461,7 @@ class EndToEnd:
     seconds: float = 0.0
     ingress_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    cpu: CpuMeter | None = None
 
     @property
     def rate(self) -> float:
@@ -440,6 +517,10 @@ class Pipeline:
             raise
         return pipeline
 
+    def cpu_meter(self, merchant: MerchantProcess) -> CpuMeter:
+        return CpuMeter({"ingress": self.ingress.pid, "worker": self.worker.pid,
+                         "merchant": merchant.process.pid, "client": 0})
+
     def notifications(self, count: int) -> tuple[list[bytes], list[str]]:
         """``count`` signed TOKEN_CREATED requests (AMS and Alipay+ alternately), and their fingerprints."""
         from tests.bench.ingress_bench import signed_requests
@@ -472,6 +553,8 @@ async def closed_loop_e2e(args: argparse.Namespace, pipeline: Pipeline, merchant
             status = await connection.request(requests[index])
             statuses[status] = statuses.get(status, 0) + 1
 
+    result.cpu = pipeline.cpu_meter(merchant)
+    result.cpu.start()
     started = time.monotonic()
     await asyncio.gather(*(drive(i) for i in range(args.concurrency)))
     result.ingress_seconds = time.monotonic() - started
@@ -480,6 +563,7 @@ async def closed_loop_e2e(args: argparse.Namespace, pipeline: Pipeline, merchant
     if result.acknowledged != result.sent:
         print(f"  ingress answers: {statuses}", flush=True)
     await merchant.wait_for(result.acknowledged, args.timeout)
+    result.cpu.stop()
     for connection in connections:
         assert connection.transport is not None
         connection.transport.close()
@@ -502,6 +586,7 @@ class OpenLoop:
     connections: int = 0
     latencies: list[float] = field(default_factory=list)  # merchant received - scheduled send
     ack_latencies: list[float] = field(default_factory=list)  # ingress answered - scheduled send
+    cpu: CpuMeter | None = None
 
     @property
     def acknowledged(self) -> int:
@@ -562,6 +647,8 @@ async def open_loop_e2e(args: argparse.Namespace, pipeline: Pipeline, merchant: 
 
     idle.extend([await open_connection() for _ in range(min(32, count))])
     sent_at: dict[str, float] = {}
+    result.cpu = pipeline.cpu_meter(merchant)
+    result.cpu.start()
     started = now()
     first_write = last_write = started
     index = 0
@@ -588,6 +675,7 @@ async def open_loop_e2e(args: argparse.Namespace, pipeline: Pipeline, merchant: 
     if result.acknowledged != result.sent:
         print(f"  ingress answers: {result.answers}", flush=True)
     await merchant.wait_for(result.acknowledged, args.timeout)
+    result.cpu.stop()
     for connection in opened:
         if connection.transport is not None:
             connection.transport.close()
@@ -641,12 +729,15 @@ def print_table(drains: dict[str, Drain], e2e: EndToEnd | None, e2e_open: OpenLo
     bare = drains.get("bare")
     if drains:
         print()
-        print(f"{'phase':34} {'how':32} {'msgs':>6} {'msg/s':>8} {'x bare':>7} {'CPU ms/msg':>10}  outcomes")
+        print(f"{'phase':34} {'how':32} {'msgs':>6} {'msg/s':>8} {'x bare':>7} {'CPU ms/msg':>10} "
+              f"{'x bare':>7}  outcomes")
     for key, drain in drains.items():
         ratio = f"{drain.rate / bare.rate:7.2f}" if bare and bare.rate and key != "bare" else f"{'':>7}"
-        cpu = drain.cpu_seconds * 1000 / drain.messages if drain.messages else float("nan")
+        cpu_ratio = (f"{drain.cpu_per_message / bare.cpu_per_message:7.2f}"
+                     if bare and bare.cpu_seconds and key != "bare" else f"{'':>7}")
         outcomes = ",".join(f"{k}={v}" for k, v in sorted(drain.outcomes.items())) or "-"
-        print(f"{drain.name:34} {drain.how:32} {drain.messages:6d} {drain.rate:8.0f} {ratio} {cpu:10.3f}  {outcomes}")
+        print(f"{drain.name:34} {drain.how:32} {drain.messages:6d} {drain.rate:8.0f} {ratio} "
+              f"{drain.cpu_per_message * 1000:10.3f} {cpu_ratio}  {outcomes}")
     if e2e is not None or e2e_open is not None:
         print()
         print("end to end (ingress -> worker token-created+merchant-events -> merchant, subprocesses, PostgreSQL):")
@@ -656,6 +747,8 @@ def print_table(drains: dict[str, Drain], e2e: EndToEnd | None, e2e_open: OpenLo
               f"ingress at {e2e.acknowledged / e2e.ingress_seconds:.0f}/s)")
         print(f"    {e2e.rate:.0f} notifications/s end to end   (latency p50 {e2e.percentile(0.5):.1f} ms   "
               f"p99 {e2e.percentile(0.99):.1f} ms: time queued behind the backlog, not pipeline latency)")
+        if e2e.cpu is not None:
+            print(f"    CPU ms per notification: {e2e.cpu.per_message_ms(e2e.delivered)}")
     if e2e_open is not None:
         o = e2e_open
         print(f"  open loop at {o.target_rate:.0f}/s: LATENCY (merchant received - scheduled send)")
@@ -667,15 +760,40 @@ def print_table(drains: dict[str, Drain], e2e: EndToEnd | None, e2e_open: OpenLo
               f"{o.delivered / o.seconds if o.seconds else 0:.1f}/s first send to last delivery")
         print(f"    latency p50 {o.percentile(0.5):.1f} ms   p99 {o.percentile(0.99):.1f} ms   "
               f"max {o.percentile(1.0):.1f} ms")
+        if o.cpu is not None:
+            print(f"    CPU ms per notification: {o.cpu.per_message_ms(o.delivered)}")
     print()
-    for key in ("postgresql", "merchant-events"):
+    for key, goal_rate in GOAL_RATES.items():
         drain = drains.get(key)
         if drain is None:
             continue
-        ratio = drain.rate / bare.rate if bare and bare.rate else float("nan")
-        met = drain.rate >= GOAL_RATE and (bare is None or ratio >= GOAL_RATIO)
-        print(f"goal {drain.name}: {drain.rate:.0f}/s >= {GOAL_RATE:.0f}/s and {ratio:.2f} >= {GOAL_RATIO} x bare: "
-              f"{'met' if met else 'NOT met'}")
+        verdicts = [f"{drain.rate:.0f}/s >= {goal_rate:.0f}/s: {'met' if drain.rate >= goal_rate else 'NOT met'}"]
+        if key == "postgresql" and bare is not None and bare.cpu_seconds:
+            cpu_ratio = drain.cpu_per_message / bare.cpu_per_message
+            verdicts.append(f"CPU {cpu_ratio:.1f} <= {GOAL_CPU_RATIO:g} x bare: "
+                            f"{'met' if cpu_ratio <= GOAL_CPU_RATIO else 'NOT met'}")
+        print(f"goal {drain.name}: {'; '.join(verdicts)}")
+    print_summary(drains, e2e, e2e_open)
+
+
+def print_summary(drains: dict[str, Drain], e2e: EndToEnd | None, e2e_open: OpenLoop | None) -> None:
+    """One line: each phase's rate, ratio to bare and CPU per message, to paste into a note."""
+    bare = drains.get("bare")
+    parts = []
+    for key, drain in drains.items():
+        part = f"{key} {drain.rate:.0f}/s"
+        if bare and bare.rate and key != "bare":
+            part += f" ({drain.rate / bare.rate:.2f}x bare, CPU {drain.cpu_per_message / bare.cpu_per_message:.1f}x)"
+        parts.append(f"{part} {drain.cpu_per_message * 1000:.3f} ms")
+    if e2e is not None:
+        cpu = e2e.cpu.used if e2e.cpu else {}
+        parts.append(f"e2e {e2e.rate:.0f}/s" + "".join(
+            f" {name} {seconds * 1000 / e2e.delivered:.2f}ms" for name, seconds in cpu.items()
+            if name in ("ingress", "worker") and e2e.delivered))
+    if e2e_open is not None:
+        parts.append(f"open-loop {e2e_open.target_rate:.0f}/s p50 {e2e_open.percentile(0.5):.1f} ms "
+                     f"p99 {e2e_open.percentile(0.99):.1f} ms")
+    print("summary: " + " | ".join(parts))
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -689,6 +807,7 @@ async def main(args: argparse.Namespace) -> int:
           f"namespace={namespace}  queue={args.queue_type}  messages={args.messages}  phases={','.join(only)}",
           flush=True)
     quiet_logs()
+    PROFILER.directory, PROFILER.raw = args.profile, args.profile_raw
     merchant = await MerchantProcess.start(secret)
     (workdir / "merchants.toml").write_text(
         f'[merchants.default]\nurl = "http://127.0.0.1:{merchant.port}/webhooks"\nsecret = "{secret}"\n')
@@ -699,7 +818,10 @@ async def main(args: argparse.Namespace) -> int:
         "merchants_file": str(workdir / "merchants.toml"),
     }
     postgres_url: str | None = None
-    topology = Topology(namespace=namespace, queue_type=QueueType(args.queue_type), retry_delays=(1.0,))
+    # The topology the workers build from these settings (per-consumer retry delays included).
+    sqlite_settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{workdir}/bench.db",
+                               **common)  # type: ignore[call-arg]
+    topology = build_topology(sqlite_settings)
     drains: dict[str, Drain] = {}
     e2e: EndToEnd | None = None
     e2e_open: OpenLoop | None = None
@@ -710,9 +832,6 @@ async def main(args: argparse.Namespace) -> int:
         connection = await aio_pika.connect(args.rabbitmq_url)
         async with connection:
             await declare_topology(await connection.channel(), topology)
-        sqlite_settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{workdir}/bench.db",
-                                   **common)  # type: ignore[call-arg]
-        assert build_topology(sqlite_settings) == topology
         prefetch = 64
 
         for phase in only:
@@ -820,6 +939,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--database-url", default=os.environ.get(
         "AUTHNOTIFY_TEST_DATABASE_URL", "postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/postgres"),
         help="a PostgreSQL server URL; the run creates (and drops) a database of its own there")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the worker with py-spy during each worker drain: DIR/<phase>.svg "
+                             "(the figures of a profiled run are not comparable)")
+    parser.add_argument("--profile-raw", action="store_true", help="with --profile: collapsed stacks, DIR/<phase>.txt")
     parser.add_argument("--serve-merchant", metavar="SECRET", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = [phase for phase in args.only if phase not in PHASES]
