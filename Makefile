@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# Python's byte-code caches are kept (some machines turn them off): without them every run compiles the package
+# and re-writes the tests' assertions again, seconds of every test run.
+unexport PYTHONDONTWRITEBYTECODE
+
 # Tests talk to real services. These defaults are the local ones; override them to use others.
 export AUTHNOTIFY_TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AUTHNOTIFY_TEST_DATABASE_URL ?= postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/test

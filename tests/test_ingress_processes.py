@@ -19,6 +19,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import orjson
+import pytest
 
 from authnotify.config import Settings
 from tests.conftest import TestKeys as Keys
@@ -259,6 +260,7 @@ async def test_processes_that_keep_dying_stop_the_supervisor_with_one_line_and_e
                       f"(last exit code {-signal.SIGKILL})\n"], "".join(running.text)[-2000:]
 
 
+@pytest.mark.slow  # runs the authnotify command as a process
 async def test_processes_must_be_a_whole_number_of_at_least_one(tmp_path: Path) -> None:
     for value, reason in (("0", "must be at least 1"), ("two", "'two' is not a whole number")):
         process = await asyncio.create_subprocess_exec(
