@@ -16,14 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-from pydantic import ValidationError
 from standardwebhooks import Webhook
 
 from authnotify.config import Settings
 from authnotify.domain.events import MerchantEvent
 from authnotify.domain.merchants import Endpoint, MerchantRegistry, merchant_registry_from_settings
 from authnotify.errors import PermanentError, TransientError
-from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext, json_model_parser
 from authnotify.messaging.topology import Consumer
 from authnotify.observability.logging import annotate, get_logger
 from authnotify.observability.metrics import MERCHANT_DELIVERIES, MERCHANT_DELIVERY_SECONDS, NO_MERCHANT
@@ -160,13 +159,7 @@ async def handle_merchant_event(
     annotate(delivery="delivered", http_status=status, answer_bytes_read=answer_bytes, **fields)
 
 
-def parse_merchant_event(body: bytes, context: MessageContext) -> MerchantEvent:
-    try:
-        return MerchantEvent.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        location = ".".join(str(part) for part in first.get("loc", ())) or "body"
-        raise PermanentError(f"not a merchant event: {location}: {first.get('msg', 'invalid')}") from None
+parse_merchant_event = json_model_parser(MerchantEvent, "a merchant event")
 
 
 def merchant_circuits_from_settings(settings: Settings) -> MerchantCircuits:

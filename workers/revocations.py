@@ -16,15 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
-
 from authnotify.alipay.client import AlipayClient, AlipayUnavailable
 from authnotify.config import ENV_PREFIX
 from authnotify.domain.authorizations import STATUS_ACTIVE
 from authnotify.domain.commands import RevokeCommand
 from authnotify.domain.events import MerchantEvent, cancellation_events
 from authnotify.errors import PermanentError, TransientError
-from authnotify.messaging.consumer import ConsumerSpec, MessageContext, failure_reason
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext, failure_reason, json_model_parser
 from authnotify.messaging.topology import Consumer, build_topology
 from authnotify.observability.logging import annotate
 from authnotify.observability.metrics import REVOCATIONS
@@ -112,13 +110,7 @@ async def handle_revoke_command(
     return events
 
 
-def parse_revoke_command(body: bytes, context: MessageContext) -> RevokeCommand:
-    try:
-        return RevokeCommand.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        location = ".".join(str(part) for part in first.get("loc", ())) or "body"
-        raise PermanentError(f"not a revoke command: {location}: {first.get('msg', 'invalid')}") from None
+parse_revoke_command = json_model_parser(RevokeCommand, "a revoke command")
 
 
 async def consumer(resources: Resources) -> ConsumerSpec:

@@ -21,15 +21,13 @@ import contextlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from pydantic import ValidationError
-
 from authnotify.alipay.client import AlipayClient, AlipayUnavailable
 from authnotify.config import ENV_PREFIX
 from authnotify.domain.authorizations import TokenGrant
 from authnotify.domain.commands import RefreshRequest
 from authnotify.domain.events import MerchantEvent, expiry_events, refresh_events
 from authnotify.errors import PermanentError, StoreError, TransientError
-from authnotify.messaging.consumer import ConsumerSpec, MessageContext
+from authnotify.messaging.consumer import ConsumerSpec, MessageContext, json_model_parser
 from authnotify.messaging.topology import Consumer
 from authnotify.observability.logging import annotate
 from authnotify.observability.metrics import TOKEN_REFRESHES
@@ -154,13 +152,7 @@ async def _refresh(tokens: CurrentTokens, request: RefreshRequest, context: Mess
     return refresh_events(transition, possibly_seen_before=context.possibly_seen_before)
 
 
-def parse_refresh_request(body: bytes, context: MessageContext) -> RefreshRequest:
-    try:
-        return RefreshRequest.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        location = ".".join(str(part) for part in first.get("loc", ())) or "body"
-        raise PermanentError(f"not a refresh request: {location}: {first.get('msg', 'invalid')}") from None
+parse_refresh_request = json_model_parser(RefreshRequest, "a refresh request")
 
 
 async def consumer(resources: Resources) -> ConsumerSpec:

@@ -34,11 +34,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from authnotify.config import PROVIDERS
 from authnotify.domain.events import MerchantEvent
@@ -61,6 +61,8 @@ from authnotify.observability.redaction import REDACTED, mask_secret_values
 
 log = get_logger("authnotify.worker")
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 DRAIN_TIMEOUT_SECONDS = 30.0
 REASON_MAX_LENGTH = 300
 
@@ -77,6 +79,21 @@ class MessageContext:
 
 Parse = Callable[[bytes, MessageContext], Any]  # raises PermanentError on a bad body; may be async
 Handle = Callable[[Any, MessageContext], Awaitable[Sequence[MerchantEvent] | None]]
+
+
+def json_model_parser(model: type[ModelT], what: str) -> Callable[[bytes, MessageContext], ModelT]:
+    """The parse step of a consumer whose body is one pydantic model as JSON: anything else is a
+    :class:`PermanentError` naming the first field and rule that failed, never a value."""
+
+    def parse(body: bytes, context: MessageContext) -> ModelT:
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False)[0]
+            location = ".".join(str(part) for part in first.get("loc", ())) or "body"
+            raise PermanentError(f"not {what}: {location}: {first.get('msg', 'invalid')}") from None
+
+    return parse
 
 
 @dataclass(frozen=True)
