@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from authnotify.config import ENV_PREFIX
-from authnotify.config.files import named_tables
+from authnotify.config.files import named_tables, read_config_file
 from authnotify.errors import ConfigError
 
 KEYS_FILE_VARIABLE = f"{ENV_PREFIX}API_KEYS_FILE"
@@ -106,15 +106,7 @@ def load_api_keys(path: Path | str | None) -> ApiKeys:
     if path is None:
         raise ConfigError(f"{KEYS_FILE_VARIABLE}: required by the api (a TOML file of [keys.<name>] entries; "
                           "make one with `authnotify api-keys create`)")
-    source = f"{KEYS_FILE_VARIABLE}={path}"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    text, source = read_config_file(path, KEYS_FILE_VARIABLE)
     return parse_api_keys(text, source)
 
 

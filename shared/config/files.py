@@ -7,9 +7,23 @@ one line naming the file's variable and what to add.
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from authnotify.errors import ConfigError
+
+
+def read_config_file(path: Path | str, variable: str) -> tuple[str, str]:
+    """The text of the file ``variable`` names, and the ``variable=path`` every error about it starts with."""
+    source = f"{variable}={path}"
+    try:
+        return Path(path).read_text(encoding="utf-8"), source
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read ({exc.strerror or type(exc).__name__})") from None
 
 
 def named_tables(text: str, source: str, table: str, example: str) -> dict[str, Any]:

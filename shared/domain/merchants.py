@@ -36,7 +36,7 @@ from standardwebhooks import Webhook
 from yarl import URL
 
 from authnotify.config import ENV_PREFIX, Settings
-from authnotify.config.files import named_tables
+from authnotify.config.files import named_tables, read_config_file
 from authnotify.domain.authorizations import AuthorizationData
 from authnotify.domain.events import EVENT_TYPES
 from authnotify.errors import ConfigError
@@ -219,15 +219,7 @@ def parse_merchant_registry(text: str, source: str = MERCHANTS_FILE_VARIABLE, *,
 
 
 def load_merchant_registry(path: Path | str, *, read_secret_files: bool = True) -> MerchantRegistry:
-    source = f"{MERCHANTS_FILE_VARIABLE}={path}"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    text, source = read_config_file(path, MERCHANTS_FILE_VARIABLE)
     return parse_merchant_registry(text, source, read_secret_files=read_secret_files)
 
 
