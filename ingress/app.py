@@ -18,7 +18,6 @@ from __future__ import annotations
 from random import getrandbits
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from authnotify.alipay.notifications import CONSULT_UNBINDING_PATH, NOTIFY_PATHS, signed_path
@@ -40,7 +39,7 @@ from authnotify.ingress.answers import (
 from authnotify.ingress.checks import MAX_BODY_BYTES, BodyBudget, Refused, RequestChecks
 from authnotify.messaging.connection import Broker
 from authnotify.messaging.health import add_health_routes
-from authnotify.messaging.messages import notification_message
+from authnotify.messaging.messages import json_object, notification_message
 from authnotify.messaging.publisher import ConfirmedPublisher, Publisher
 from authnotify.messaging.topology import build_topology, notification_routing_key
 from authnotify.observability import tracing
@@ -94,11 +93,8 @@ def new_message_id() -> str:
 
 def _notify_type(body: bytes) -> str | None:
     """authorizationNotifyType of a JSON object body; None for anything else (routed as unknown)."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(document, dict):
+    document = json_object(body)
+    if document is None:
         return None
     notify_type = document.get("authorizationNotifyType")
     return notify_type if isinstance(notify_type, str) else None
@@ -202,11 +198,8 @@ class NotificationEndpoint(SignedEndpoint):
 
 def _consulted_ids(body: bytes) -> dict[str, str | None]:
     """What a consultUnbinding body says of the merchant (and the token, as a fingerprint); unreadable: nothing."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    if not isinstance(document, dict):
+    document = json_object(body)
+    if document is None:
         return {}
 
     def text(name: str) -> str | None:

@@ -26,13 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from authnotify.errors import CommandError
 from authnotify.messaging import headers as h
 from authnotify.messaging.connection import Broker, command_connection
-from authnotify.messaging.messages import replay_message
+from authnotify.messaging.messages import json_object, replay_message
 from authnotify.messaging.publisher import ConfirmedPublisher
 from authnotify.messaging.topology import Consumer, Topology
 
@@ -110,11 +109,8 @@ def merchant_of(body: bytes) -> str | None:
     """The merchant a message is about: its ``referenceMerchantId``, else its ``authClientId`` (a merchant
     event's from its ``data``). None for a body that names neither (a lifecycle command, a body that is not
     JSON): dead letters are shown whatever they hold."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(document, dict):
+    document = json_object(body)
+    if document is None:
         return None
     data = document.get("data")
     fields = data if isinstance(data, dict) else document

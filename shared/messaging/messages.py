@@ -15,12 +15,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
 from aiormq import spec
 
 from authnotify.domain.commands import RefreshRequest, RevokeCommand
 from authnotify.domain.events import MerchantEvent
 from authnotify.messaging import headers as h
 from authnotify.observability.tracing import TRACING, inject_trace
+
+
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """The JSON object a message body holds; None for a body that is not one (not JSON, or an array...)."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return document if isinstance(document, dict) else None
 
 Properties = spec.Basic.Properties
 PERSISTENT = 2  # AMQP delivery mode: written to disk by the broker
